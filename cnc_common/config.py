@@ -41,7 +41,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(source, "file", "file not found; pass --config PATH") from None
+        raise ConfigError(
+            source, "file", "file not found; pass --config PATH"
+        ) from None
     except PermissionError:
         raise ConfigError(source, "file", "permission denied") from None
     except tomllib.TOMLDecodeError as exc:
@@ -155,7 +157,9 @@ def _has_default(item: dataclasses.Field) -> bool:
     )
 
 
-def _convert(value: Any, hint: Any, item: dataclasses.Field, source: str, full: str) -> Any:
+def _convert(
+    value: Any, hint: Any, item: dataclasses.Field, source: str, full: str
+) -> Any:
     secret = bool(item.metadata.get(SECRET))
     base = _strip_optional(hint)
     if value is None and base is not hint:
@@ -173,7 +177,9 @@ def _convert(value: Any, hint: Any, item: dataclasses.Field, source: str, full: 
 
 def _check_type(value: Any, base: Any, source: str, full: str, secret: bool) -> Any:
     def fail(expected: str) -> ConfigError:
-        return ConfigError(source, full, f"expected {expected}", value, show_value=not secret)
+        return ConfigError(
+            source, full, f"expected {expected}", value, show_value=not secret
+        )
 
     if base is bool:
         if not isinstance(value, bool):

@@ -101,14 +101,22 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [
             find_nats_server(),
-            "-a", self.host,
-            "-p", str(self.port),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
             "-js",
-            "-sd", str(self.store_dir / "jetstream"),
-            "-l", str(self.log_file),
+            "-sd",
+            str(self.store_dir / "jetstream"),
+            "-l",
+            str(self.log_file),
             *self.extra_args,
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # A session of its own: Ctrl-C in a terminal must not kill the broker
+        # before the programs using it have stopped in order.
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             wait_for_port(self.host, self.port, timeout)
         except EmbeddedServerError:
@@ -174,7 +182,10 @@ def find_postgres_bindir() -> Path:
             return bindir
     except ImportError:
         pass
-    for candidate in [shutil.which("pg_ctl"), *sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))]:
+    for candidate in [
+        shutil.which("pg_ctl"),
+        *sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")),
+    ]:
         if candidate:
             bindir = Path(candidate).resolve().parent
             if (bindir / "initdb").exists():
@@ -224,7 +235,9 @@ class PostgresServer:
                 return name
             except KeyError:
                 continue
-        raise EmbeddedServerError("running as root and no postgres or nobody account exists")
+        raise EmbeddedServerError(
+            "running as root and no postgres or nobody account exists"
+        )
 
     def _run(self, args: list[str], timeout: float = 60.0) -> None:
         result = subprocess.run(
@@ -261,8 +274,10 @@ class PostgresServer:
             self._run(
                 [
                     str(self.bindir / "initdb"),
-                    "-D", str(self.pgdata),
-                    "-U", "postgres",
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    "postgres",
                     "--auth=trust",
                     "--encoding=UTF8",
                     "--no-sync",
@@ -275,10 +290,15 @@ class PostgresServer:
         self._run(
             [
                 str(self.bindir / "pg_ctl"),
-                "-D", str(self.pgdata),
-                "-l", str(self.base_dir / "postgres.log"),
-                "-o", options,
-                "-w", "-t", str(int(timeout)),
+                "-D",
+                str(self.pgdata),
+                "-l",
+                str(self.base_dir / "postgres.log"),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                str(int(timeout)),
                 "start",
             ],
             timeout=timeout + 5,
@@ -291,7 +311,15 @@ class PostgresServer:
         if not (self.pgdata / "postmaster.pid").exists():
             return
         self._run(
-            [str(self.bindir / "pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop"]
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.pgdata),
+                "-m",
+                mode,
+                "-w",
+                "stop",
+            ]
         )
 
     def close(self) -> None:

@@ -58,3 +58,6 @@ def configure(level: str = "INFO", fmt: str = "text", **context: Any) -> None:
     # nats-py logs every reconnect attempt at ERROR through its own callbacks;
     # ours count and rate-limit them instead.
     logging.getLogger("nats").setLevel(logging.CRITICAL)
+    # transitions logs every callback at INFO; our machines log one line per
+    # state change themselves.
+    logging.getLogger("transitions").setLevel(logging.WARNING)

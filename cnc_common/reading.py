@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -43,7 +43,7 @@ def reading_id(boot: str, seq: int) -> str:
 
 def utc_now_iso() -> str:
     """Return the current UTC time as ISO 8601 with microseconds and ``Z``."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -98,7 +98,9 @@ def decode(payload: bytes) -> dict[str, Any]:
 def validate(data: Any) -> dict[str, Any]:
     """Check the layout and types of a decoded reading and return it."""
     if not isinstance(data, dict):
-        raise InvalidReading("schema", f"expected a JSON object, got {type(data).__name__}")
+        raise InvalidReading(
+            "schema", f"expected a JSON object, got {type(data).__name__}"
+        )
     _check_type(data, "v", int)
     if data["v"] != SCHEMA_VERSION:
         raise InvalidReading("schema", f"unsupported version {data['v']!r}")

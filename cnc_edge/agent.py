@@ -1,0 +1,131 @@
+"""The edge agent's parent process: starts, watches and stops three children.
+
+poller -> buffer -> publisher, each its own OS process, so that a serial
+driver hanging in a system call, a slow disk or a stuck NATS client cannot
+stall the others. The parent only supervises: if a child dies it stops the
+others in order, so the buffer can put what it holds on disk, and exits
+non-zero for supervisord to restart the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from multiprocessing.connection import wait
+from typing import Any
+
+from cnc_edge.buffer import run_buffer
+from cnc_edge.config import EdgeConfig
+from cnc_edge.poller import run_poller
+from cnc_edge.publisher import run_publisher
+
+log = logging.getLogger(__name__)
+
+#: Seconds each child gets to stop before it is killed. The sum stays well
+#: below the stopwaitsecs of the example supervisord config.
+POLLER_STOP_TIMEOUT = 10.0
+BUFFER_STOP_TIMEOUT = 20.0
+PUBLISHER_STOP_TIMEOUT = 10.0
+
+
+class EdgeAgent:
+    def __init__(self, config: EdgeConfig) -> None:
+        self.config = config
+        self.ctx = multiprocessing.get_context("spawn")
+        self.readings = self.ctx.Queue()
+        self.to_publisher = self.ctx.Queue()
+        self.from_publisher = self.ctx.Queue()
+        self.poller_stop = self.ctx.Event()
+        self.buffer_stop = self.ctx.Event()
+        self.publisher_dead = self.ctx.Event()
+        self.children: dict[str, Any] = {}
+        self._stop_requested = threading.Event()
+
+    def _start_children(self) -> None:
+        pid = os.getpid()
+        specs = {
+            "publisher": (
+                run_publisher,
+                (self.config, self.to_publisher, self.from_publisher),
+            ),
+            "buffer": (
+                run_buffer,
+                (
+                    self.config,
+                    self.readings,
+                    self.to_publisher,
+                    self.from_publisher,
+                    self.buffer_stop,
+                    self.publisher_dead,
+                    pid,
+                ),
+            ),
+            "poller": (run_poller, (self.config, self.readings, self.poller_stop, pid)),
+        }
+        for name, (target, args) in specs.items():
+            process = self.ctx.Process(
+                target=target, args=args, name=f"cnc-edge-{name}"
+            )
+            process.start()
+            self.children[name] = process
+            log.info("child started: %s (pid %s)", name, process.pid)
+
+    def request_stop(self, signum: int | None = None, frame: Any = None) -> None:
+        if signum is not None:
+            log.info("stop requested: signal %s", signal.Signals(signum).name)
+        self._stop_requested.set()
+
+    def run(self) -> int:
+        """Run until a stop signal or a child's death; return the exit status."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self._start_children()
+        sentinels = {process.sentinel: name for name, process in self.children.items()}
+        died: str | None = None
+        while not self._stop_requested.is_set():
+            ready = wait(list(sentinels), timeout=0.5)
+            if ready:
+                died = sentinels[ready[0]]
+                code = self.children[died].exitcode
+                log.error(
+                    "child died: %s (exit code %s); stopping the agent", died, code
+                )
+                break
+        self._stop_children(died)
+        return 1 if died else 0
+
+    def _stop_children(self, died: str | None) -> None:
+        """Stop in data-flow order: no new readings, flush to disk, then close NATS."""
+        if died == "publisher":
+            self.publisher_dead.set()
+        self.poller_stop.set()
+        self._join("poller", POLLER_STOP_TIMEOUT)
+        self.buffer_stop.set()
+        self._join("buffer", BUFFER_STOP_TIMEOUT)
+        if self.children["buffer"].exitcode != 0:
+            # The buffer could not send its stop message; stop the publisher directly.
+            self.to_publisher.put(("stop",))
+        self._join("publisher", PUBLISHER_STOP_TIMEOUT)
+        for q in (self.readings, self.to_publisher, self.from_publisher):
+            q.cancel_join_thread()
+            q.close()
+        log.info("agent stopped: %s", self.config.machine.id)
+
+    def _join(self, name: str, timeout: float) -> None:
+        process = self.children[name]
+        process.join(timeout)
+        if process.is_alive():
+            log.error("child did not stop: %s after %.0f s, killing it", name, timeout)
+            process.kill()
+            process.join(5)
+
+
+def run_agent(config: EdgeConfig) -> int:
+    started = time.monotonic()
+    code = EdgeAgent(config).run()
+    log.info("agent exit: %d after %.1f s", code, time.monotonic() - started)
+    return code

@@ -1,0 +1,415 @@
+"""The buffer process: owns the state machine and the offline journal.
+
+Two threads share one lock:
+
+- the intake thread takes readings from the poller and, under the lock,
+  either hands them to the publisher (ONLINE) or appends them to
+  ``current.jsonl`` (OFFLINE, SYNCING, stopping);
+- the main thread reads the publisher's answers, drives the state machine
+  and runs the sync, which blocks it (not the poller, not the intake) until
+  every file in ``sync/`` is acknowledged and deleted.
+
+A live reading handed to the publisher is kept in ``inflight`` until its
+PubAck; a failed publish puts it back into the journal. So every reading is
+acknowledged by the broker or on disk, except for the ones inside this
+process at the moment it is killed with SIGKILL: at most the readings in
+``inflight`` (bounded by what the publisher can have outstanding within one
+ack timeout) and those not yet read from the poller's queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+import orjson
+from transitions import EventData
+
+from cnc_common.backoff import Backoff
+from cnc_edge.config import EdgeConfig
+from cnc_edge.fsm import EdgeState, build_machine
+from cnc_edge.journal import QUARANTINE, Journal, read_journal
+from cnc_edge.process import parent_alive
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+class Buffer:
+    # Set by transitions: the current EdgeState and the trigger methods.
+    state: EdgeState
+
+    def __init__(
+        self,
+        config: EdgeConfig,
+        in_queue: Any,
+        to_publisher: Any,
+        from_publisher: Any,
+        stop_event: Any,
+        publisher_dead: Any,
+    ) -> None:
+        self.config = config
+        self.in_queue = in_queue
+        self.to_publisher = to_publisher
+        self.from_publisher = from_publisher
+        self.stop_event = stop_event
+        self.publisher_dead = publisher_dead
+        self.data_dir = config.data_dir
+        self.journal = Journal(
+            self.data_dir,
+            fsync=config.journal.fsync,
+            fsync_interval=config.journal.fsync_interval_ms / 1000,
+        )
+        self.lock = threading.RLock()
+        self.inflight: dict[str, bytes] = {}
+        self.link_is_up = False
+        self.stopping = False
+        self.state_since = time.time()
+        self.counters = {
+            "received": 0,
+            "published": 0,
+            "journaled": 0,
+            "replayed": 0,
+            "publish_failed": 0,
+            "quarantined": 0,
+            "syncs": 0,
+        }
+        self.last_sync: dict[str, Any] | None = None
+        self.sync_backoff = Backoff(initial=0.5, cap=30.0)
+        self.next_sync_attempt = 0.0
+        self._token = 0
+        self._awaiting: int | None = None
+        self._replay_result: tuple[Any, ...] | None = None
+        self._intake_done = threading.Event()
+        self._last_state_write = 0.0
+        build_machine(self, after_state_change="_on_state_change", send_event=True)
+
+    # State machine callbacks ------------------------------------------
+
+    def _on_state_change(self, event: EventData) -> None:
+        source = event.transition.source
+        dest = event.transition.dest
+        self.state_since = time.time()
+        log.info(
+            "state: %s -> %s (machine %s, trigger %s)",
+            source,
+            dest,
+            self.config.machine.id,
+            event.event.name,
+        )
+        self.write_state_file()
+
+    # Intake thread ----------------------------------------------------
+
+    def _intake_loop(self) -> None:
+        while True:
+            try:
+                first = self.in_queue.get(timeout=0.2)
+            except queue.Empty:
+                if self._intake_done.is_set():
+                    return
+                continue
+            batch = [first]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self.in_queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._route(batch)
+
+    def _route(self, batch: list[tuple[str, bytes]]) -> None:
+        with self.lock:
+            self.counters["received"] += len(batch)
+            if self.state is EdgeState.ONLINE and not self.stopping:
+                for rid, payload in batch:
+                    self.inflight[rid] = payload
+                self.to_publisher.put(("live", batch))
+            else:
+                self.journal.append([payload for _, payload in batch])
+                self.counters["journaled"] += len(batch)
+
+    # Publisher events -------------------------------------------------
+
+    def _next_event(self, timeout: float) -> tuple[Any, ...] | None:
+        try:
+            return self.from_publisher.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _handle(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "link":
+            self.link_is_up = bool(event[1])
+            if not self.link_is_up:
+                with self.lock:
+                    if self.may_link_down():
+                        self.link_down()
+        elif kind == "acked":
+            with self.lock:
+                for rid in event[1]:
+                    self.inflight.pop(rid, None)
+                self.counters["published"] += len(event[1])
+        elif kind == "failed":
+            self._journal_failed(event[1], event[2])
+        elif kind == "replayed":
+            if event[1] == self._awaiting:
+                self._replay_result = event
+
+    def _journal_failed(self, ids: list[str], reason: str) -> None:
+        with self.lock:
+            payloads = [self.inflight.pop(rid) for rid in ids if rid in self.inflight]
+            self.journal.append(payloads)
+            self.counters["publish_failed"] += len(payloads)
+            self.counters["journaled"] += len(payloads)
+            log.warning(
+                "publish failed: %d readings journaled (machine %s, %s)",
+                len(payloads),
+                self.config.machine.id,
+                reason,
+            )
+            if self.may_link_down():
+                self.link_down()
+
+    # Sync ---------------------------------------------------------------
+
+    def _maybe_sync(self) -> None:
+        if self.stopping or not self.link_is_up:
+            return
+        if (
+            self.state is not EdgeState.OFFLINE
+            or time.monotonic() < self.next_sync_attempt
+        ):
+            return
+        with self.lock:
+            self.link_up()
+        self.run_sync()
+
+    def run_sync(self) -> None:
+        """Replay everything on disk, then go ONLINE; blocks until done or failed."""
+        started = time.monotonic()
+        replayed = 0
+        try:
+            while True:
+                with self.lock:
+                    self.journal.rotate()
+                for path in self.journal.sync_files():
+                    ok, count = self._replay_file(path)
+                    replayed += count
+                    if not ok:
+                        self._abort_sync(f"replay of {path.name} incomplete")
+                        return
+                    with self.lock:
+                        self.journal.remove(path)
+                    log.info(
+                        "sync file done: %s (%d readings acknowledged)",
+                        path.name,
+                        count,
+                    )
+                if not self._settle_inflight(self.config.nats.ack_timeout + 2):
+                    self._abort_sync("live readings still unacknowledged")
+                    return
+                with self.lock:
+                    if (
+                        self.journal.current_size() == 0
+                        and not self.journal.sync_files()
+                    ):
+                        self._finish_sync(started, replayed)
+                        return
+                # Readings arrived while replaying: rotate and go round again.
+        except OSError as exc:
+            log.error(
+                "sync failed: %s (machine %s)",
+                exc,
+                self.config.machine.id,
+                exc_info=True,
+            )
+            self._abort_sync(str(exc), failed=True)
+
+    def _finish_sync(self, started: float, replayed: int) -> None:
+        duration = time.monotonic() - started
+        self.counters["syncs"] += 1
+        self.counters["replayed"] += replayed
+        self.last_sync = {
+            "at": time.time(),
+            "readings": replayed,
+            "seconds": round(duration, 3),
+        }
+        self.sync_backoff.reset()
+        log.info(
+            "sync complete: %d readings in %.2f s (machine %s)",
+            replayed,
+            duration,
+            self.config.machine.id,
+        )
+        self.sync_done()
+
+    def _abort_sync(self, reason: str, failed: bool = False) -> None:
+        self.next_sync_attempt = time.monotonic() + self.sync_backoff.next_delay()
+        with self.lock:
+            if self.state is not EdgeState.SYNCING:
+                return
+            log.warning("sync aborted: %s (machine %s)", reason, self.config.machine.id)
+            if failed or self.link_is_up:
+                self.sync_failed()
+            else:
+                self.link_down()
+
+    def _replay_file(self, path: Any) -> tuple[bool, int]:
+        def count_quarantined() -> None:
+            self.counters["quarantined"] += 1
+
+        sent = 0
+        chunk: list[tuple[str, bytes]] = []
+        size = self.config.journal.replay_chunk
+        for rid, line in read_journal(
+            path, self.data_dir / QUARANTINE, count_quarantined
+        ):
+            chunk.append((rid, line))
+            if len(chunk) >= size:
+                if not self._replay_chunk(chunk):
+                    return False, sent
+                sent += len(chunk)
+                chunk = []
+        if chunk:
+            if not self._replay_chunk(chunk):
+                return False, sent
+            sent += len(chunk)
+        return True, sent
+
+    def _replay_chunk(self, chunk: list[tuple[str, bytes]]) -> bool:
+        """Send one chunk and wait for its result, handling other events meanwhile."""
+        self._token += 1
+        self._awaiting = self._token
+        self._replay_result = None
+        self.to_publisher.put(("replay", self._token, chunk))
+        # The publisher answers within ack_timeout once it started the chunk;
+        # the margin covers the queue and a busy machine.
+        deadline = time.monotonic() + 2 * self.config.nats.ack_timeout + 10
+        while self._replay_result is None:
+            if self.state is not EdgeState.SYNCING or self._stop_requested():
+                return False
+            if time.monotonic() > deadline:
+                log.warning(
+                    "replay timed out: no answer for a chunk of %d readings", len(chunk)
+                )
+                return False
+            event = self._next_event(0.2)
+            if event is not None:
+                self._handle(event)
+            self._housekeeping()
+        return bool(self._replay_result[2])
+
+    def _settle_inflight(self, timeout: float) -> bool:
+        """Wait until every live reading sent earlier is acknowledged or journaled."""
+        deadline = time.monotonic() + timeout
+        while self.inflight:
+            if self.publisher_dead.is_set() or time.monotonic() > deadline:
+                return False
+            event = self._next_event(0.2)
+            if event is not None:
+                self._handle(event)
+        return True
+
+    # Main loop and shutdown ---------------------------------------------
+
+    def _stop_requested(self) -> bool:
+        return self.stop_event.is_set() or not parent_alive(self.parent_pid)
+
+    def _housekeeping(self) -> None:
+        with self.lock:
+            self.journal.maybe_sync()
+        if time.monotonic() - self._last_state_write >= 1.0:
+            self.write_state_file()
+
+    def run(self, parent_pid: int) -> None:
+        self.parent_pid = parent_pid
+        intake = threading.Thread(target=self._intake_loop, name="intake", daemon=True)
+        intake.start()
+        log.info("buffer started: %s (state %s)", self.data_dir, self.state.value)
+        while not self._stop_requested():
+            event = self._next_event(0.2)
+            if event is not None:
+                self._handle(event)
+            self._maybe_sync()
+            self._housekeeping()
+        self._shutdown(intake)
+
+    def _shutdown(self, intake: threading.Thread) -> None:
+        """Put every reading this process holds on disk, then stop the publisher."""
+        with self.lock:
+            self.stopping = True
+        self._intake_done.set()
+        intake.join(timeout=10)
+        if not self.publisher_dead.is_set():
+            self._settle_inflight(self.config.nats.ack_timeout + 1)
+        with self.lock:
+            leftover = list(self.inflight.values())
+            self.inflight.clear()
+            self.journal.append(leftover)
+            self.counters["journaled"] += len(leftover)
+            self.journal.close()
+        if leftover:
+            log.info("stop: %d unacknowledged readings journaled", len(leftover))
+        self.to_publisher.put(("stop",))
+        self.write_state_file()
+        log.info(
+            "buffer stopped: %s (state %s)", self.config.machine.id, self.state.value
+        )
+
+    # Status -------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        sync_files = self.journal.sync_files()
+        buffered_bytes = self.journal.current_size() + sum(
+            path.stat().st_size for path in sync_files if path.exists()
+        )
+        return {
+            "machine": self.config.machine.id,
+            "pid": os.getpid(),
+            "state": self.state.value,
+            "since": self.state_since,
+            "link_up": self.link_is_up,
+            "inflight": len(self.inflight),
+            "buffered_bytes": buffered_bytes,
+            "sync_files": len(sync_files),
+            "counters": dict(self.counters),
+            "last_sync": self.last_sync,
+            "updated": time.time(),
+        }
+
+    def write_state_file(self) -> None:
+        """Write state.json atomically, for ``cnc-edge status`` and cnc-demo."""
+        self._last_state_write = time.monotonic()
+        target = self.data_dir / STATE_FILE
+        tmp = target.with_suffix(".tmp")
+        try:
+            with self.lock:
+                data = orjson.dumps(self.status(), option=orjson.OPT_INDENT_2)
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError as exc:
+            log.warning("state file write failed: %s (%s)", target, exc)
+
+
+def run_buffer(
+    config: EdgeConfig,
+    in_queue: Any,
+    to_publisher: Any,
+    from_publisher: Any,
+    stop_event: Any,
+    publisher_dead: Any,
+    parent_pid: int,
+) -> None:
+    """Entry point of the buffer process."""
+    from cnc_edge.process import child_setup
+
+    child_setup(config, "buffer")
+    buffer = Buffer(
+        config, in_queue, to_publisher, from_publisher, stop_event, publisher_dead
+    )
+    buffer.run(parent_pid)

@@ -1,0 +1,179 @@
+"""Configuration of the edge agent (``cnc-edge run --config edge.toml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cnc_common import config as cfg
+from cnc_common.reading import MACHINE_ID_PATTERN, SUBJECT_PREFIX
+
+#: Commands polled when the config names none: identity, mode, counters,
+#: timers and the program/status answer.
+DEFAULT_POLL_COMMANDS = [
+    "Q100",
+    "Q104",
+    "Q200",
+    "Q201",
+    "Q300",
+    "Q301",
+    "Q303",
+    "Q402",
+    "Q500",
+]
+
+
+def _machine_id(value: str) -> str | None:
+    if MACHINE_ID_PATTERN.match(value):
+        return None
+    return (
+        "expected 1 to 64 letters, digits, '_' or '-' (it becomes a NATS subject token)"
+    )
+
+
+def _commands(value: list[str]) -> str | None:
+    # Imported here so that loading a config does not import pyserial users.
+    from cnc_edge.haas import validate_command
+
+    for command in value:
+        try:
+            validate_command(command)
+        except ValueError as exc:
+            return str(exc)
+    return None if value else "expected at least one command"
+
+
+@dataclass(frozen=True)
+class MachineSection:
+    id: str = field(metadata={cfg.CHECK: _machine_id})
+
+
+@dataclass(frozen=True)
+class SerialSection:
+    #: Anything pyserial's serial_for_url accepts: /dev/ttyUSB0, socket://host:port, loop://
+    url: str
+    baudrate: int = field(default=9600, metadata={cfg.CHECK: cfg.positive})
+    bytesize: int = field(
+        default=7,
+        metadata={
+            cfg.CHECK: lambda v: None if v in (5, 6, 7, 8) else "expected 5, 6, 7 or 8"
+        },
+    )
+    parity: str = field(
+        default="E", metadata={cfg.CHECK: cfg.one_of("N", "E", "O", "M", "S")}
+    )
+    stopbits: float = field(
+        default=1.0,
+        metadata={
+            cfg.CHECK: lambda v: None if v in (1, 1.5, 2) else "expected 1, 1.5 or 2"
+        },
+    )
+    xonxoff: bool = False
+    rtscts: bool = False
+    #: Overall deadline of one query in seconds, however slowly bytes arrive.
+    query_timeout: float = field(default=2.0, metadata={cfg.CHECK: cfg.positive})
+    reopen_backoff_initial: float = field(
+        default=0.5, metadata={cfg.CHECK: cfg.positive}
+    )
+    reopen_backoff_cap: float = field(default=30.0, metadata={cfg.CHECK: cfg.positive})
+
+
+@dataclass(frozen=True)
+class PollSection:
+    #: Seconds between the starts of two poll cycles.
+    interval: float = field(default=1.0, metadata={cfg.CHECK: cfg.positive})
+    commands: list[str] = field(
+        default_factory=lambda: list(DEFAULT_POLL_COMMANDS),
+        metadata={cfg.CHECK: _commands},
+    )
+    #: Macro variables read with Q600 on every poll.
+    macros: list[int] = field(default_factory=list)
+    #: Append every reading id the poller produces to this file (demo and tests).
+    audit_file: str | None = None
+
+
+@dataclass(frozen=True)
+class NatsSection:
+    url: str = field(
+        default="nats://127.0.0.1:4222", metadata={cfg.CHECK: cfg.nats_url}
+    )
+    stream: str = "CNC_READINGS"
+    subject_prefix: str = SUBJECT_PREFIX
+    #: Create the stream when it is missing (a server that lost its store).
+    create_stream: bool = True
+    #: JetStream de-duplication window of a stream this agent creates, seconds.
+    duplicate_window: float = field(default=120.0, metadata={cfg.CHECK: cfg.positive})
+    #: A publish without a PubAck after this many seconds counts as failed and
+    #: takes the agent OFFLINE.
+    ack_timeout: float = field(default=5.0, metadata={cfg.CHECK: cfg.positive})
+    connect_timeout: float = field(default=5.0, metadata={cfg.CHECK: cfg.positive})
+    #: Keepalive: a server that misses max_outstanding_pings pings sent every
+    #: ping_interval seconds is dropped; bound = interval * (pings + 1).
+    ping_interval: float = field(default=5.0, metadata={cfg.CHECK: cfg.positive})
+    max_outstanding_pings: int = field(default=2, metadata={cfg.CHECK: cfg.positive})
+    reconnect_backoff_initial: float = field(
+        default=0.2, metadata={cfg.CHECK: cfg.positive}
+    )
+    reconnect_backoff_cap: float = field(
+        default=5.0, metadata={cfg.CHECK: cfg.positive}
+    )
+    user: str | None = None
+    password: str | None = field(default=None, metadata={cfg.SECRET: True})
+    token: str | None = field(default=None, metadata={cfg.SECRET: True})
+
+
+@dataclass(frozen=True)
+class JournalSection:
+    data_dir: str
+    #: always: fsync every write; interval: at most fsync_interval_ms after a
+    #: write; never: leave it to the kernel.
+    fsync: str = field(
+        default="interval",
+        metadata={cfg.CHECK: cfg.one_of("always", "interval", "never")},
+    )
+    fsync_interval_ms: int = field(default=1000, metadata={cfg.CHECK: cfg.positive})
+    #: Readings sent to the publisher at once while replaying.
+    replay_chunk: int = field(default=1000, metadata={cfg.CHECK: cfg.positive})
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: str = field(default="127.0.0.1:9101", metadata={cfg.CHECK: cfg.host_port})
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = field(
+        default="INFO",
+        metadata={cfg.CHECK: cfg.one_of("DEBUG", "INFO", "WARNING", "ERROR")},
+    )
+    format: str = field(
+        default="text", metadata={cfg.CHECK: cfg.one_of("text", "json")}
+    )
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    machine: MachineSection
+    serial: SerialSection
+    journal: JournalSection
+    poll: PollSection = field(default_factory=PollSection)
+    nats: NatsSection = field(default_factory=NatsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.journal.data_dir)
+
+    @property
+    def subject(self) -> str:
+        return f"{self.nats.subject_prefix}.{self.machine.id}"
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None) -> EdgeConfig:
+    """Load and check an edge config file; raise ConfigError naming the key."""
+    data = cfg.load_toml(path)
+    return cfg.load(
+        EdgeConfig, data, source=str(path), env_prefix="CNC_EDGE", environ=environ
+    )

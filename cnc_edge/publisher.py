@@ -1,0 +1,268 @@
+"""The publisher process: owns the NATS connection and reports PubAcks.
+
+It receives batches from the buffer process and answers each one:
+
+- ``("live", [(id, payload), ...])`` -> ``("acked", [ids])`` and/or
+  ``("failed", [ids], reason)``; every live id gets exactly one answer.
+- ``("replay", token, [(id, payload), ...])`` -> ``("replayed", token, ok, reason)``;
+  ``ok`` only when every reading of the batch was acknowledged.
+- ``("stop",)`` closes the connection and ends the process.
+
+It also sends ``("link", up, reason)`` when its judgement of the link
+changes. The link is judged by real traffic: a publish that gets no PubAck
+within ``ack_timeout`` takes it down even while the TCP connection looks
+healthy (a frozen server, a stream that vanished), and it only comes back
+when the stream answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+
+from cnc_common.backoff import Backoff, RateLimitedCounter
+from cnc_edge.config import EdgeConfig
+
+log = logging.getLogger(__name__)
+
+Batch = list[tuple[str, bytes]]
+
+
+class Publisher:
+    def __init__(self, config: EdgeConfig, inbox: Any, outbox: Any) -> None:
+        self.config = config
+        self.nats_cfg = config.nats
+        self.inbox = inbox
+        self.outbox = outbox
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self.link_up = False
+        self._link_changed = asyncio.Event()
+        self._stopping = False
+        self._connect_failures = RateLimitedCounter(interval=30.0)
+        self._work: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    # Link state ---------------------------------------------------------
+
+    def _set_link(self, up: bool, reason: str) -> None:
+        if up == self.link_up:
+            return
+        self.link_up = up
+        self._link_changed.set()
+        log.info("link %s: %s (%s)", "up" if up else "down", self.nats_cfg.url, reason)
+        self.outbox.put(("link", up, reason))
+
+    async def _on_disconnected(self) -> None:
+        self._set_link(False, "disconnected")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected: %s", self._server_name())
+        self._link_changed.set()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("nats client error: %r", exc)
+
+    def _server_name(self) -> str:
+        if self.nc is not None and self.nc.connected_url is not None:
+            url = self.nc.connected_url
+            return f"{url.hostname}:{url.port}"
+        return self.nats_cfg.url
+
+    # Connection ---------------------------------------------------------
+
+    async def _connect_forever(self) -> None:
+        """Connect, retrying with capped jittered backoff until stopped."""
+        backoff = Backoff(
+            initial=self.nats_cfg.reconnect_backoff_initial,
+            cap=self.nats_cfg.reconnect_backoff_cap,
+        )
+        while not self._stopping:
+            try:
+                self.nc = await nats.connect(
+                    servers=[url.strip() for url in self.nats_cfg.url.split(",")],
+                    name=f"cnc-edge-{self.config.machine.id}",
+                    connect_timeout=self.nats_cfg.connect_timeout,
+                    # After the first connection nats-py reconnects by itself;
+                    # -1 removes its default budget of 60 attempts.
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=self.nats_cfg.reconnect_backoff_initial,
+                    ping_interval=self.nats_cfg.ping_interval,
+                    max_outstanding_pings=self.nats_cfg.max_outstanding_pings,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                    user=self.nats_cfg.user,
+                    password=self.nats_cfg.password,
+                    token=self.nats_cfg.token,
+                )
+            except Exception as exc:  # noqa: BLE001 - any failure means retry
+                suppressed = self._connect_failures.hit()
+                if suppressed is not None:
+                    log.warning(
+                        "connect failed: %s (%s; %d more failures not logged)",
+                        self.nats_cfg.url,
+                        type(exc).__name__,
+                        suppressed,
+                    )
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            self.js = self.nc.jetstream(timeout=self.nats_cfg.ack_timeout)
+            log.info("connected: %s", self._server_name())
+            return
+
+    async def _probe(self) -> bool:
+        """Check that the stream answers, creating it if allowed and missing."""
+        assert self.js is not None
+        stream = self.nats_cfg.stream
+        try:
+            await self.js.stream_info(stream)
+            return True
+        except nats.js.errors.NotFoundError:
+            if not self.nats_cfg.create_stream:
+                log.warning("stream missing: %s (create_stream is off)", stream)
+                return False
+        except Exception as exc:  # noqa: BLE001 - the probe only reports health
+            log.debug("probe failed: %s (%r)", stream, exc)
+            return False
+        try:
+            await self.js.add_stream(
+                StreamConfig(
+                    name=stream,
+                    subjects=[f"{self.nats_cfg.subject_prefix}.>"],
+                    storage=StorageType.FILE,
+                    duplicate_window=self.nats_cfg.duplicate_window,
+                )
+            )
+            log.warning("stream created: %s (it was missing on the server)", stream)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            log.warning("stream create failed: %s (%r)", stream, exc)
+            return False
+
+    async def _link_watch(self) -> None:
+        """Bring the link up whenever the connection is usable and the stream answers."""
+        backoff = Backoff(initial=0.2, cap=2.0)
+        while not self._stopping:
+            if self.nc is None or self.nc.is_closed:
+                await self._connect_forever()
+                continue
+            if not self.link_up and self.nc.is_connected:
+                if await self._probe():
+                    backoff.reset()
+                    self._set_link(True, "stream answers")
+                    continue
+            self._link_changed.clear()
+            delay = backoff.next_delay() if not self.link_up else 1.0
+            try:
+                await asyncio.wait_for(self._link_changed.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    # Publishing ---------------------------------------------------------
+
+    async def _publish(self, batch: Batch) -> tuple[list[str], list[str], str]:
+        """Publish a batch with pipelined PubAcks; return (acked, failed, reason)."""
+        if not self.link_up or self.js is None:
+            return [], [rid for rid, _ in batch], "offline"
+        subject = self.config.subject
+        futures: list[tuple[str, asyncio.Future[Any]]] = []
+        failed: list[str] = []
+        reason = ""
+        for rid, payload in batch:
+            try:
+                future = await self.js.publish_async(
+                    subject,
+                    payload,
+                    wait_stall=self.nats_cfg.ack_timeout,
+                    headers={"Nats-Msg-Id": rid},
+                )
+            except Exception as exc:  # noqa: BLE001 - the reading goes back to disk
+                failed.append(rid)
+                reason = reason or type(exc).__name__
+                continue
+            futures.append((rid, future))
+        if futures:
+            await asyncio.wait(
+                [future for _, future in futures], timeout=self.nats_cfg.ack_timeout
+            )
+        acked: list[str] = []
+        for rid, future in futures:
+            if not future.done():
+                future.cancel()
+                failed.append(rid)
+                reason = reason or "ack timeout"
+            elif future.cancelled() or future.exception() is not None:
+                failed.append(rid)
+                exc = None if future.cancelled() else future.exception()
+                reason = reason or (type(exc).__name__ if exc else "cancelled")
+            else:
+                acked.append(rid)
+        if failed:
+            self._set_link(False, f"publish failed: {reason}")
+        return acked, failed, reason
+
+    async def _handle(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        if kind == "live":
+            acked, failed, reason = await self._publish(item[1])
+            if acked:
+                self.outbox.put(("acked", acked))
+            if failed:
+                self.outbox.put(("failed", failed, reason))
+        elif kind == "replay":
+            token, batch = item[1], item[2]
+            acked, failed, reason = await self._publish(batch)
+            self.outbox.put(("replayed", token, not failed, reason, len(acked)))
+        elif kind == "stop":
+            self._stopping = True
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = threading.Thread(target=self._read_inbox, args=(loop,), daemon=True)
+        reader.start()
+        watch = asyncio.create_task(self._link_watch())
+        try:
+            while not self._stopping:
+                item = await self._work.get()
+                await self._handle(item)
+        finally:
+            watch.cancel()
+            if self.nc is not None and not self.nc.is_closed:
+                try:
+                    await asyncio.wait_for(self.nc.close(), timeout=5)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("close failed: %s (%r)", self.nats_cfg.url, exc)
+            log.info("publisher stopped: %s", self.config.machine.id)
+
+    def _read_inbox(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Move items from the multiprocessing queue onto the event loop."""
+        while True:
+            try:
+                item = self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                if self._stopping:
+                    return
+                continue
+            except (EOFError, OSError):
+                item = ("stop",)
+            loop.call_soon_threadsafe(self._work.put_nowait, item)
+            if item[0] == "stop":
+                return
+
+
+def run_publisher(config: EdgeConfig, inbox: Any, outbox: Any) -> None:
+    """Entry point of the publisher process."""
+    from cnc_edge.process import child_setup
+
+    child_setup(config, "publisher")
+    asyncio.run(Publisher(config, inbox, outbox).run())
