@@ -90,6 +90,7 @@ class EdgeAgent:
             ready = wait(list(sentinels), timeout=0.5)
             if ready:
                 died = sentinels[ready[0]]
+                self.children[died].join(1)
                 code = self.children[died].exitcode
                 log.error(
                     "child died: %s (exit code %s); stopping the agent", died, code

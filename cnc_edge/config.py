@@ -54,13 +54,13 @@ class SerialSection:
     url: str
     baudrate: int = field(default=9600, metadata={cfg.CHECK: cfg.positive})
     bytesize: int = field(
-        default=7,
+        default=8,
         metadata={
             cfg.CHECK: lambda v: None if v in (5, 6, 7, 8) else "expected 5, 6, 7 or 8"
         },
     )
     parity: str = field(
-        default="E", metadata={cfg.CHECK: cfg.one_of("N", "E", "O", "M", "S")}
+        default="N", metadata={cfg.CHECK: cfg.one_of("N", "E", "O", "M", "S")}
     )
     stopbits: float = field(
         default=1.0,

@@ -8,6 +8,7 @@ without data is never mistaken for a machine reporting zeros.
 from __future__ import annotations
 
 import logging
+import termios
 import time
 from typing import Any
 
@@ -68,7 +69,9 @@ class Poller:
             return False
         try:
             self.port = open_port(self.config)
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except (serial.SerialException, OSError, ValueError, termios.error) as exc:
+            # termios.error is not an OSError: tcsetattr raises it for settings
+            # the device rejects (a pty refuses 7 data bits with parity).
             self.next_open = time.monotonic() + self.backoff.next_delay()
             suppressed = self.open_failures.hit()
             if suppressed is not None:
@@ -118,6 +121,12 @@ class Poller:
             except SerialLinkError as exc:
                 self._drop_port(exc)
                 errors["serial"] = "link_down"
+            except Exception as exc:  # noqa: BLE001 - one bad cycle must not stop polling
+                log.error(
+                    "poll failed: %s (%r)", self.config.serial.url, exc, exc_info=True
+                )
+                self._drop_port(exc)
+                errors["serial"] = "internal"
         reading = make_reading(
             machine=self.config.machine.id,
             boot=self.boot,

@@ -85,3 +85,18 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def sim_pty() -> Iterator[object]:
+    """A simulated Haas control answering on a real pseudo-terminal."""
+    from cnc_edge.simulator import HaasProtocol, MachineModel, PtyServer
+
+    server = PtyServer(
+        HaasProtocol(MachineModel(seed=1, pace=30, cycle_seconds=20), seed=1)
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
