@@ -17,7 +17,7 @@ import serial
 from cnc_common.backoff import Backoff, RateLimitedCounter
 from cnc_common.reading import encode, make_reading, new_boot_id, utc_now_iso
 from cnc_edge.config import EdgeConfig
-from cnc_edge.haas import HaasClient, SerialLinkError
+from cnc_edge.haas import HaasClient, SerialLinkError, validate_command
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ class Poller:
         self.stop_event = stop_event
         self.boot = new_boot_id()
         self.seq = 0
-        self.commands = list(config.poll.commands) + [
-            f"Q600 {n}" for n in config.poll.macros
-        ]
+        # Normalised ("q600  0042" -> "Q600 42") so that error keys are stable.
+        queries = [*config.poll.commands, *(f"Q600 {n}" for n in config.poll.macros)]
+        self.commands = [validate_command(query) for query in queries]
         self.port: serial.SerialBase | None = None
         self.client: HaasClient | None = None
         self.backoff = Backoff(

@@ -288,7 +288,6 @@ def test_parse_answer_other_label_is_stale(command, text):
         ("Q300", "P.O. TIME, -1:00:00"),
         ("Q100", "SERIAL NUMBER, "),
         ("Q104", "MODE, ()"),
-        ("Q100", "HELLO, 1"),
         ("Q500", "PROGRAM, O00110, IDLE, PARTS"),
         ("Q500", "PROGRAM, O00110, IDLE, COUNT, 4404"),
         ("Q500", "PROGRAM, O00110, IDLE, PARTS, many"),
@@ -368,3 +367,16 @@ def test_parse_answer_fuzz(command, text):
     assert fields
     for value in fields.values():
         assert value not in (None, "")
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "expected"),
+    [
+        ("Q301", "C.S.TIME, 00098:18:29", {"motion_seconds": 98 * 3600 + 18 * 60 + 29}),
+        ("Q100", "SERIAL NO, 1234567", {"serial_number": "1234567"}),
+        ("Q201", "using tool, 4", {"tool_in_use": 4}),
+    ],
+    ids=["no-space-label", "other-firmware-label", "lower-case-label"],
+)
+def test_parse_answer_accepts_label_variants(command, text, expected):
+    assert parse_answer(command, text) == expected
