@@ -24,15 +24,17 @@ import os
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 from transitions import EventData
 
-from cnc_common.backoff import Backoff
+from cnc_common.backoff import Backoff, RateLimitedCounter
 from cnc_edge.config import EdgeConfig
+from cnc_edge.crashpoints import crash_point
 from cnc_edge.fsm import EdgeState, build_machine
-from cnc_edge.journal import QUARANTINE, Journal, read_journal
+from cnc_edge.journal import QUARANTINE, Journal, oldest_buffered_ts, read_journal
 from cnc_edge.process import parent_alive
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ class Buffer:
             self.data_dir,
             fsync=config.journal.fsync,
             fsync_interval=config.journal.fsync_interval_ms / 1000,
+            max_bytes=config.journal.max_buffer_bytes,
+            full_policy=config.journal.full_policy,
+            segment_bytes=config.journal.segment_bytes,
         )
         self.lock = threading.RLock()
         self.inflight: dict[str, bytes] = {}
@@ -79,6 +84,8 @@ class Buffer:
             "quarantined": 0,
             "syncs": 0,
         }
+        self.dropped: dict[str, int] = {}
+        self._drop_log = RateLimitedCounter(interval=60.0)
         self.last_sync: dict[str, Any] | None = None
         self.sync_backoff = Backoff(initial=0.5, cap=30.0)
         self.next_sync_attempt = 0.0
@@ -130,8 +137,7 @@ class Buffer:
                     self.inflight[rid] = payload
                 self.to_publisher.put(("live", batch))
             else:
-                self.journal.append([payload for _, payload in batch])
-                self.counters["journaled"] += len(batch)
+                self._append([payload for _, payload in batch])
 
     # Publisher events -------------------------------------------------
 
@@ -160,12 +166,32 @@ class Buffer:
             if event[1] == self._awaiting:
                 self._replay_result = event
 
+    def _append(self, payloads: list[bytes]) -> None:
+        """Journal readings (lock held), counting and logging any that are dropped."""
+        result = self.journal.append(payloads)
+        self.counters["journaled"] += result.written
+        if not result.dropped:
+            return
+        reason = result.reason or "unknown"
+        self.dropped[reason] = self.dropped.get(reason, 0) + result.dropped
+        suppressed = self._drop_log.hit()
+        if suppressed is not None:
+            log.warning(
+                "readings dropped: %d (machine %s, %s, policy %s, %d total; "
+                "%d earlier drop events not logged)",
+                result.dropped,
+                self.config.machine.id,
+                reason,
+                self.config.journal.full_policy,
+                sum(self.dropped.values()),
+                suppressed,
+            )
+
     def _journal_failed(self, ids: list[str], reason: str) -> None:
         with self.lock:
             payloads = [self.inflight.pop(rid) for rid in ids if rid in self.inflight]
-            self.journal.append(payloads)
+            self._append(payloads)
             self.counters["publish_failed"] += len(payloads)
-            self.counters["journaled"] += len(payloads)
             log.warning(
                 "publish failed: %d readings journaled (machine %s, %s)",
                 len(payloads),
@@ -203,6 +229,7 @@ class Buffer:
                     if not ok:
                         self._abort_sync(f"replay of {path.name} incomplete")
                         return
+                    crash_point("sync_before_remove")
                     with self.lock:
                         self.journal.remove(path)
                     log.info(
@@ -259,27 +286,42 @@ class Buffer:
             else:
                 self.link_down()
 
-    def _replay_file(self, path: Any) -> tuple[bool, int]:
+    def _replay_file(self, path: Path) -> tuple[bool, int]:
+        """Replay one sync file from its saved progress; return (complete, count)."""
+
         def count_quarantined() -> None:
             self.counters["quarantined"] += 1
 
-        sent = 0
-        chunk: list[tuple[str, bytes]] = []
-        size = self.config.journal.replay_chunk
-        for rid, line in read_journal(
-            path, self.data_dir / QUARANTINE, count_quarantined
-        ):
-            chunk.append((rid, line))
-            if len(chunk) >= size:
+        start = self.journal.load_progress(path)
+        if start:
+            log.info("replay resumed: %s from byte %d", path.name, start)
+        with self.lock:
+            self.journal.replaying = path
+        try:
+            sent = 0
+            chunk: list[tuple[str, bytes]] = []
+            end = start
+            size = self.config.journal.replay_chunk
+            quarantine = self.data_dir / QUARANTINE
+            lines = read_journal(path, quarantine, count_quarantined, start)
+            for rid, line, offset in lines:
+                chunk.append((rid, line))
+                end = offset
+                if len(chunk) >= size:
+                    if not self._replay_chunk(chunk):
+                        return False, sent
+                    sent += len(chunk)
+                    chunk = []
+                    self.journal.save_progress(path, end)
+                    crash_point("replay_after_chunk")
+            if chunk:
                 if not self._replay_chunk(chunk):
                     return False, sent
                 sent += len(chunk)
-                chunk = []
-        if chunk:
-            if not self._replay_chunk(chunk):
-                return False, sent
-            sent += len(chunk)
-        return True, sent
+            return True, sent
+        finally:
+            with self.lock:
+                self.journal.replaying = None
 
     def _replay_chunk(self, chunk: list[tuple[str, bytes]]) -> bool:
         """Send one chunk and wait for its result, handling other events meanwhile."""
@@ -350,8 +392,7 @@ class Buffer:
         with self.lock:
             leftover = list(self.inflight.values())
             self.inflight.clear()
-            self.journal.append(leftover)
-            self.counters["journaled"] += len(leftover)
+            self._append(leftover)
             self.journal.close()
         if leftover:
             log.info("stop: %d unacknowledged readings journaled", len(leftover))
@@ -365,9 +406,6 @@ class Buffer:
 
     def status(self) -> dict[str, Any]:
         sync_files = self.journal.sync_files()
-        buffered_bytes = self.journal.current_size() + sum(
-            path.stat().st_size for path in sync_files if path.exists()
-        )
         return {
             "machine": self.config.machine.id,
             "pid": os.getpid(),
@@ -375,9 +413,11 @@ class Buffer:
             "since": self.state_since,
             "link_up": self.link_is_up,
             "inflight": len(self.inflight),
-            "buffered_bytes": buffered_bytes,
+            "buffered_bytes": self.journal.buffered_bytes(),
             "sync_files": len(sync_files),
+            "oldest_buffered_ts": oldest_buffered_ts(self.data_dir),
             "counters": dict(self.counters),
+            "dropped": dict(self.dropped),
             "last_sync": self.last_sync,
             "updated": time.time(),
         }

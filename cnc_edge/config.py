@@ -132,6 +132,19 @@ class JournalSection:
         metadata={cfg.CHECK: cfg.one_of("always", "interval", "never")},
     )
     fsync_interval_ms: int = field(default=1000, metadata={cfg.CHECK: cfg.positive})
+    #: Cap on current.jsonl plus sync/ in bytes (0: no cap). When it is
+    #: reached, or the disk is full, full_policy decides which readings are
+    #: dropped; every dropped reading is counted and logged (rate-limited).
+    max_buffer_bytes: int = field(
+        default=1 << 30, metadata={cfg.CHECK: cfg.non_negative}
+    )
+    full_policy: str = field(
+        default="drop_newest",
+        metadata={cfg.CHECK: cfg.one_of("drop_newest", "drop_oldest")},
+    )
+    #: current.jsonl is rotated into sync/ when it reaches this size, which
+    #: is also how much drop_oldest deletes at a time.
+    segment_bytes: int = field(default=8 << 20, metadata={cfg.CHECK: cfg.positive})
     #: Readings sent to the publisher at once while replaying.
     replay_chunk: int = field(default=1000, metadata={cfg.CHECK: cfg.positive})
 

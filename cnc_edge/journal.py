@@ -4,33 +4,45 @@ Layout of ``<data_dir>``:
 
 - ``current.jsonl``: readings appended while OFFLINE or SYNCING.
 - ``sync/<ns>.jsonl``: rotated journals waiting for replay; the names sort
-  by rotation time, so replay goes oldest first.
+  by rotation time, so replay goes oldest first. ``<ns>.progress`` next to
+  one holds the byte offset up to which its readings were acknowledged, so
+  a restart does not resend the whole file.
 - ``quarantine.jsonl``: lines that could not be replayed, each with its
   source file, line number and the raw bytes.
 
 Each line is one reading exactly as published (its ``v`` key is the format
 version). Invariant: a reading handed to the journal stays in
-``current.jsonl`` or ``sync/`` until the broker acknowledged it; a sync
-file is deleted only after every line in it was acknowledged.
+``current.jsonl`` or ``sync/`` until the broker acknowledged it, unless it
+is dropped and counted because the journal reached ``max_bytes`` or the
+disk is full. A sync file is deleted only after every line in it was
+acknowledged.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import orjson
+
+from cnc_edge.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 
 CURRENT = "current.jsonl"
 SYNC_DIR = "sync"
 QUARANTINE = "quarantine.jsonl"
+
+DROP_OLDEST = "drop_oldest"
+DROP_NEWEST = "drop_newest"
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def fsync_dir(path: Path) -> None:
@@ -42,38 +54,64 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _open_append(path: Path) -> BinaryIO:
+def open_append(path: Path) -> int:
     """Open a journal file for appending, readable by its owner only.
 
     O_NOFOLLOW refuses a symlink planted in place of the journal.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    return os.fdopen(fd, "ab")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(path, flags, 0o600)
+
+
+@dataclass
+class AppendResult:
+    """What happened to the readings passed to ``Journal.append``."""
+
+    written: int = 0
+    #: Readings dropped: new ones (drop_newest, disk full) or old ones
+    #: deleted to make room (drop_oldest).
+    dropped: int = 0
+    #: ``journal_full`` or ``disk_full`` when anything was dropped.
+    reason: str | None = None
 
 
 class Journal:
-    """Append-only writer of ``current.jsonl`` plus rotation and cleanup.
+    """Append-only writer of ``current.jsonl`` plus rotation, caps and cleanup.
 
     Not thread-safe: the buffer process serialises calls with its lock.
     """
 
     def __init__(
-        self, data_dir: Path, fsync: str = "interval", fsync_interval: float = 1.0
+        self,
+        data_dir: Path,
+        fsync: str = "interval",
+        fsync_interval: float = 1.0,
+        max_bytes: int = 0,
+        full_policy: str = DROP_NEWEST,
+        segment_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.data_dir = data_dir
         self.sync_dir = data_dir / SYNC_DIR
         self.current_path = data_dir / CURRENT
         self.fsync_policy = fsync
         self.fsync_interval = fsync_interval
+        self.max_bytes = max_bytes
+        self.full_policy = full_policy
+        self.segment_bytes = segment_bytes
+        #: The sync file being replayed; drop_oldest never deletes it.
+        self.replaying: Path | None = None
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.sync_dir.mkdir(exist_ok=True, mode=0o700)
-        self._file = None
+        self._sync_sizes = {path: path.stat().st_size for path in self.sync_files()}
+        self._fd: int | None = None
+        self._size = 0
         self._dirty = False
         self._last_fsync = time.monotonic()
         self._open()
 
     def _open(self) -> None:
-        self._file = _open_append(self.current_path)
+        self._fd = open_append(self.current_path)
+        self._size = os.fstat(self._fd).st_size
         self._terminate_torn_line()
 
     def _terminate_torn_line(self) -> None:
@@ -82,30 +120,120 @@ class Journal:
         Without the newline the next record would be glued to the fragment
         and both would be lost at replay.
         """
-        size = self.current_path.stat().st_size
-        if size == 0:
+        if self._size == 0:
             return
         with open(self.current_path, "rb") as handle:
-            handle.seek(size - 1)
-            if handle.read(1) != b"\n":
-                log.warning(
-                    "torn line: %s ends without a newline, closing it",
-                    self.current_path,
-                )
-                self._file.write(b"\n")
-                self._file.flush()
+            handle.seek(self._size - 1)
+            if handle.read(1) == b"\n":
+                return
+        log.warning(
+            "torn line: %s ends without a newline, closing it", self.current_path
+        )
+        self._write(b"\n")
 
-    def append(self, payloads: list[bytes]) -> None:
+    # Appending ----------------------------------------------------------
+
+    def buffered_bytes(self) -> int:
+        """Bytes waiting for replay: ``current.jsonl`` plus every sync file."""
+        return self._size + sum(self._sync_sizes.values())
+
+    def append(self, payloads: list[bytes]) -> AppendResult:
         """Append readings; durable per the fsync policy when this returns."""
+        result = AppendResult()
         if not payloads:
-            return
-        self._file.write(b"\n".join(payloads) + b"\n")
-        self._file.flush()
+            return result
+        if self.max_bytes:
+            payloads = self._fit_cap(payloads, result)
+        if payloads:
+            self._append_or_drop(payloads, result)
+        if self._size >= self.segment_bytes:
+            self.rotate()
+        return result
+
+    def _fit_cap(self, payloads: list[bytes], result: AppendResult) -> list[bytes]:
+        needed = sum(len(p) + 1 for p in payloads)
+        if self.full_policy == DROP_OLDEST:
+            while self.buffered_bytes() + needed > self.max_bytes:
+                freed = self._drop_oldest_file()
+                if freed is None:
+                    break
+                result.dropped += freed
+                result.reason = "journal_full"
+        room = self.max_bytes - self.buffered_bytes()
+        kept: list[bytes] = []
+        for payload in payloads:
+            if len(payload) + 1 > room:
+                break
+            kept.append(payload)
+            room -= len(payload) + 1
+        if len(kept) < len(payloads):
+            result.dropped += len(payloads) - len(kept)
+            result.reason = "journal_full"
+        return kept
+
+    def _append_or_drop(self, payloads: list[bytes], result: AppendResult) -> None:
+        data = b"\n".join(payloads) + b"\n"
+        try:
+            self._write(data)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            freed = (
+                self._drop_oldest_file() if self.full_policy == DROP_OLDEST else None
+            )
+            if freed is None:
+                result.dropped += len(payloads)
+                result.reason = "disk_full"
+                return
+            result.dropped += freed
+            result.reason = "disk_full"
+            try:
+                self._write(data)
+            except OSError as retry_exc:
+                if retry_exc.errno not in _DISK_FULL:
+                    raise
+                result.dropped += len(payloads)
+                return
+        result.written += len(payloads)
+        crash_point("journal_append")
         self._dirty = True
         if self.fsync_policy == "always":
             self.sync()
         else:
             self.maybe_sync()
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data`` or nothing: a failed write is truncated away."""
+        assert self._fd is not None
+        before = self._size
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError:
+            # A partial record would become a torn line; cut it off.
+            os.ftruncate(self._fd, before)
+            raise
+        self._size = before + len(data)
+
+    def _drop_oldest_file(self) -> int | None:
+        """Delete the oldest sync file not being replayed; return its reading count.
+
+        ``current.jsonl`` is rotated first when it is the only data, so that
+        its readings can be dropped too. Returns None when nothing can go.
+        """
+        candidates = [p for p in self.sync_files() if p != self.replaying]
+        if not candidates and self._size > 0:
+            self.rotate()
+            candidates = [p for p in self.sync_files() if p != self.replaying]
+        if not candidates:
+            return None
+        oldest = candidates[0]
+        count = count_lines(oldest, self.load_progress(oldest))
+        self.remove(oldest)
+        log.warning("journal full: dropped %s (%d readings)", oldest.name, count)
+        return count
 
     def maybe_sync(self) -> None:
         """fsync if the interval policy says it is due; called on every tick."""
@@ -115,68 +243,118 @@ class Journal:
             self.sync()
 
     def sync(self) -> None:
-        if self._file is not None and self._dirty and self.fsync_policy != "never":
-            os.fsync(self._file.fileno())
+        if self._fd is not None and self._dirty and self.fsync_policy != "never":
+            os.fsync(self._fd)
         self._dirty = False
         self._last_fsync = time.monotonic()
 
     def current_size(self) -> int:
-        if self._file is not None:
-            return self._file.tell()
-        try:
-            return self.current_path.stat().st_size
-        except FileNotFoundError:
-            return 0
+        return self._size
+
+    # Rotation, progress and cleanup ---------------------------------------
 
     def rotate(self) -> Path | None:
         """Move ``current.jsonl`` into ``sync/`` and start a new one.
 
         Returns the new sync file, or None when there was nothing to rotate.
-        The rename is atomic, and both directories are fsynced, so after a
+        The rename is atomic and both directories are fsynced, so after a
         crash the readings are in exactly one of the two places.
         """
-        if self.current_size() == 0:
+        if self._size == 0:
             return None
+        assert self._fd is not None
         if self.fsync_policy != "never":
-            os.fsync(self._file.fileno())
+            os.fsync(self._fd)
         target = self.sync_dir / f"{time.time_ns():020d}.jsonl"
+        crash_point("rotate_before_rename")
         os.rename(self.current_path, target)
-        self._file.close()
-        self._file = None
+        crash_point("rotate_after_rename")
+        os.close(self._fd)
+        self._fd = None
+        self._sync_sizes[target] = self._size
         fsync_dir(self.sync_dir)
         fsync_dir(self.data_dir)
-        self._file = _open_append(self.current_path)
+        self._fd = open_append(self.current_path)
+        self._size = 0
         self._dirty = False
-        log.info("journal rotated: %s (%d bytes)", target.name, target.stat().st_size)
+        log.info(
+            "journal rotated: %s (%d bytes)", target.name, self._sync_sizes[target]
+        )
         return target
 
     def sync_files(self) -> list[Path]:
         return sorted(self.sync_dir.glob("*.jsonl"))
 
+    @staticmethod
+    def progress_path(path: Path) -> Path:
+        return path.with_suffix(".progress")
+
+    def load_progress(self, path: Path) -> int:
+        """Byte offset of ``path`` up to which every reading was acknowledged."""
+        try:
+            return int(self.progress_path(path).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def save_progress(self, path: Path, offset: int) -> None:
+        """Record replay progress; losing it only means resending, so no fsync."""
+        target = self.progress_path(path)
+        tmp = target.with_suffix(".progress-tmp")
+        try:
+            tmp.write_text(str(offset))
+            os.replace(tmp, target)
+        except OSError as exc:
+            log.warning("progress not saved: %s (%s)", target.name, exc)
+
     def remove(self, path: Path) -> None:
-        """Delete a sync file whose every reading was acknowledged."""
-        path.unlink()
+        """Delete a sync file (every reading acknowledged, or dropped)."""
+        self._sync_sizes.pop(path, None)
+        path.unlink(missing_ok=True)
+        self.progress_path(path).unlink(missing_ok=True)
         fsync_dir(self.sync_dir)
 
     def close(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             self.sync()
-            self._file.close()
-            self._file = None
+            os.close(self._fd)
+            self._fd = None
+
+
+def count_lines(path: Path, start: int = 0) -> int:
+    """Count the lines of ``path`` after byte ``start`` (a torn tail counts)."""
+    count = 0
+    last = b"\n"
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            while chunk := handle.read(1 << 20):
+                count += chunk.count(b"\n")
+                last = chunk[-1:]
+    except FileNotFoundError:
+        return 0
+    return count + (last != b"\n")
 
 
 def read_journal(
-    path: Path, quarantine: Path, on_quarantine: Callable[[], None] | None = None
-) -> Iterator[tuple[str, bytes]]:
-    """Yield ``(reading id, line)`` for every valid line of a journal file.
+    path: Path,
+    quarantine: Path,
+    on_quarantine: Callable[[], None] | None = None,
+    start: int = 0,
+) -> Iterator[tuple[str, bytes, int]]:
+    """Yield ``(reading id, line, end offset)`` for every valid line of a file.
 
-    A line that is not UTF-8 JSON with a string ``id`` (a torn write, a bad
-    sector) is copied to ``quarantine`` with its file and line number and
-    logged; it never stops the lines after it from being replayed.
+    Reading starts at byte ``start`` (saved replay progress). A line that is
+    not UTF-8 JSON with a string ``id`` (a torn write, a bad sector) is
+    copied to ``quarantine`` with its file and line number and logged; it
+    never stops the lines after it from being replayed.
     """
+    offset = start
+    first_line = 1 if start == 0 else _lines_before(path, start) + 1
     with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip(b"\n")
+        handle.seek(start)
+        for number, raw in enumerate(handle, start=first_line):
+            offset += len(raw)
+            line = raw.rstrip(b"\n")
             if not line:
                 continue
             reading_id = _line_id(line)
@@ -185,7 +363,17 @@ def read_journal(
                 if on_quarantine is not None:
                     on_quarantine()
                 continue
-            yield reading_id, line
+            yield reading_id, line, offset
+
+
+def _lines_before(path: Path, offset: int) -> int:
+    count = 0
+    with open(path, "rb") as handle:
+        remaining = offset
+        while remaining > 0 and (chunk := handle.read(min(remaining, 1 << 20))):
+            count += chunk.count(b"\n")
+            remaining -= len(chunk)
+    return count
 
 
 def _line_id(line: bytes) -> str | None:
@@ -205,13 +393,41 @@ def quarantine_line(quarantine: Path, source: Path, number: int, line: bytes) ->
         "quarantined_at": time.time(),
         "raw_b64": base64.b64encode(line).decode(),
     }
-    with open(quarantine, "ab") as handle:
-        handle.write(orjson.dumps(record) + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    fd = open_append(quarantine)
+    try:
+        os.write(fd, orjson.dumps(record) + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     log.warning(
         "journal line quarantined: %s line %d (%d bytes)",
         source.name,
         number,
         len(line),
     )
+
+
+def oldest_buffered_ts(data_dir: Path) -> str | None:
+    """Timestamp of the oldest reading waiting on disk, or None when none waits."""
+    sync_dir = data_dir / SYNC_DIR
+    candidates = sorted(sync_dir.glob("*.jsonl")) + [data_dir / CURRENT]
+    for path in candidates:
+        start = 0
+        if path.parent == sync_dir:
+            try:
+                start = int(path.with_suffix(".progress").read_text())
+            except (FileNotFoundError, ValueError):
+                start = 0
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                for raw in handle:
+                    try:
+                        data = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(data, dict) and isinstance(data.get("ts"), str):
+                        return data["ts"]
+        except FileNotFoundError:
+            continue
+    return None
