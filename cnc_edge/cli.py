@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -66,37 +69,100 @@ def main(argv: list[str] | None = None) -> int:
     return run_agent(config)
 
 
-def _print_status(data_dir: Path, as_json: bool) -> int:
+def disk_status(data_dir: Path) -> dict[str, Any]:
+    """Summarise a data directory from its files and the buffer's state.json."""
     from cnc_edge.buffer import STATE_FILE
+    from cnc_edge.journal import (
+        CURRENT,
+        QUARANTINE,
+        SYNC_DIR,
+        count_lines,
+        oldest_buffered_ts,
+    )
 
-    path = data_dir / STATE_FILE
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir} does not exist")
     try:
-        status = orjson.loads(path.read_bytes())
-    except FileNotFoundError:
-        print(
-            f"cnc-edge: no state file at {path}; has the agent run with this data directory?",
-            file=sys.stderr,
-        )
+        status: dict[str, Any] = orjson.loads((data_dir / STATE_FILE).read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        status = {"state": "UNKNOWN"}
+    status["running"] = _pid_alive(status.get("pid"))
+    files = [data_dir / CURRENT, *sorted((data_dir / SYNC_DIR).glob("*.jsonl"))]
+    readings = size = 0
+    for path in files:
+        if not path.exists():
+            continue
+        progress = 0
+        if path.parent.name == SYNC_DIR:
+            try:
+                progress = int(path.with_suffix(".progress").read_text())
+            except (FileNotFoundError, ValueError):
+                progress = 0
+        readings += count_lines(path, progress)
+        size += path.stat().st_size - progress
+    status["buffered_readings"] = readings
+    status["buffered_bytes"] = size
+    status["sync_files"] = len(files) - 1
+    oldest = oldest_buffered_ts(data_dir)
+    status["oldest_buffered_ts"] = oldest
+    status["oldest_buffered_age_seconds"] = _age(oldest)
+    status["quarantined_lines"] = count_lines(data_dir / QUARANTINE)
+    return status
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _age(ts: str | None) -> float | None:
+    if ts is None:
+        return None
+    then = datetime.fromisoformat(ts)
+    return round((datetime.now(UTC) - then).total_seconds(), 3)
+
+
+def _print_status(data_dir: Path, as_json: bool) -> int:
+    try:
+        status = disk_status(data_dir)
+    except FileNotFoundError as exc:
+        print(f"cnc-edge: {exc}; check journal.data_dir in the config", file=sys.stderr)
         return 1
     if as_json:
         print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
         return 0
-    age = time.time() - status.get("updated", 0)
-    print(f"machine:        {status['machine']}")
-    print(f"state:          {status['state']} since {time.ctime(status['since'])}")
-    print(f"updated:        {age:.0f} s ago (pid {status['pid']})")
+    running = "running" if status["running"] else "not running"
+    print(f"machine:          {status.get('machine', '?')}")
+    print(f"state:            {status['state']} ({running})")
+    if "since" in status:
+        print(f"since:            {time.ctime(status['since'])}")
     print(
-        f"buffered:       {status['buffered_bytes']} bytes in current.jsonl and "
-        f"{status['sync_files']} sync files"
+        f"buffered:         {status['buffered_readings']} readings, "
+        f"{status['buffered_bytes']} bytes, {status['sync_files']} sync files"
     )
-    for key, value in status["counters"].items():
-        print(f"{key + ':':<16}{value}")
+    if status["oldest_buffered_ts"]:
+        print(
+            f"oldest buffered:  {status['oldest_buffered_ts']} "
+            f"({status['oldest_buffered_age_seconds']:.0f} s ago)"
+        )
+    print(f"quarantined:      {status['quarantined_lines']} lines")
     last = status.get("last_sync")
     if last:
         print(
-            f"last sync:      {time.ctime(last['at'])}, {last['readings']} readings "
+            f"last sync:        {time.ctime(last['at'])}, {last['readings']} readings "
             f"in {last['seconds']} s"
         )
+    for key, value in status.get("counters", {}).items():
+        print(f"{key + ':':<18}{value}")
+    for reason, count in status.get("dropped", {}).items():
+        print(f"{'dropped ' + reason + ':':<18}{count}")
     return 0
 
 
