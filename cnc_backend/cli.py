@@ -1,0 +1,111 @@
+"""The ``cnc-backend`` command: run, migrate or check."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import psycopg2
+
+from cnc_backend import service
+from cnc_backend.config import BackendConfig, describe_dsn, load_config
+from cnc_backend.errors import BackendError
+from cnc_backend.schema import migrate
+from cnc_backend.store import open_connection
+from cnc_common import logs
+from cnc_common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnc-backend",
+        description="Consume CNC readings from NATS JetStream into PostgreSQL.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="consume readings until SIGTERM or SIGINT")
+    _add_config(run)
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log line format on stderr (default: [log] format)",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        type=str.upper,
+        help="lowest level logged (default: [log] level)",
+    )
+
+    _add_config(commands.add_parser("migrate", help="apply pending schema migrations"))
+    _add_config(commands.add_parser("check", help="validate the configuration file"))
+    return parser
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", required=True, metavar="PATH", help="TOML configuration file"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"cnc-backend: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        print(f"OK: {args.config}")
+        return EXIT_OK
+    if args.command == "migrate":
+        return _migrate(config)
+    return _run(config, args)
+
+
+def _migrate(config: BackendConfig) -> int:
+    logs.configure(config.log.level, config.log.format, role="backend")
+    target = describe_dsn(config.postgres.dsn)
+    try:
+        conn = open_connection(config.postgres)
+        try:
+            applied = migrate(conn)
+        finally:
+            conn.close()
+    except (BackendError, psycopg2.Error) as exc:
+        # MigrationError and StoreUnavailable carry the context; a bare
+        # psycopg2 error here is a connection lost during a migration.
+        print(f"cnc-backend: migrate failed on {target}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if applied:
+        print(f"applied migrations {', '.join(map(str, applied))} to {target}")
+    else:
+        print(f"schema up to date on {target}")
+    return EXIT_OK
+
+
+def _run(config: BackendConfig, args: argparse.Namespace) -> int:
+    level = args.log_level or config.log.level
+    logs.configure(level, args.log_format or config.log.format, role="backend")
+    # transitions logs every callback at INFO; the service logs each state
+    # change itself.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    if service.run(config):
+        return EXIT_OK
+    # A database call that outlived the drain deadline still occupies its
+    # thread, and a normal interpreter exit would wait for it to finish.
+    logging.shutdown()
+    os._exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

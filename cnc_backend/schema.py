@@ -1,0 +1,160 @@
+"""Versioned schema migrations, recorded in ``schema_migrations``.
+
+Each migration runs in its own transaction together with the row that records
+it, so a migration is either applied and recorded or not applied at all.
+Every transaction first takes a transaction-level advisory lock, so two
+backends starting at once apply each migration exactly once: the second
+waits for the lock, then sees the version recorded and skips it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg2
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
+
+from cnc_backend.errors import MigrationError
+
+log = logging.getLogger(__name__)
+
+#: Advisory lock key that serializes migrations ("cncb" in ASCII).
+MIGRATION_LOCK_KEY = 0x636E6362
+
+#: Upper bound of ``dead_letters.raw``; longer payloads are stored truncated.
+DEAD_LETTER_RAW_LIMIT = 65536
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[Cursor], None]
+
+
+def _create_readings(cur: Cursor) -> None:
+    timescale = _try_create_timescaledb(cur)
+    cur.execute(
+        """
+        CREATE TABLE readings (
+            id text NOT NULL,
+            machine_id text NOT NULL,
+            boot_id text NOT NULL,
+            seq bigint NOT NULL,
+            ts timestamptz NOT NULL,
+            status text NOT NULL,
+            fields jsonb NOT NULL,
+            errors jsonb NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (ts, id)
+        )
+        """
+    )
+    cur.execute("CREATE INDEX readings_machine_ts ON readings (machine_id, ts DESC)")
+    if timescale:
+        cur.execute("SELECT create_hypertable('readings', 'ts', if_not_exists => TRUE)")
+        log.info("migrate: readings created as a TimescaleDB hypertable on ts")
+    cur.execute(
+        f"""
+        CREATE TABLE dead_letters (
+            id bigserial PRIMARY KEY,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            subject text NOT NULL,
+            reason text NOT NULL,
+            detail text NOT NULL,
+            raw bytea NOT NULL CHECK (octet_length(raw) <= {DEAD_LETTER_RAW_LIMIT}),
+            stream_seq bigint,
+            deliveries int
+        )
+        """
+    )
+    cur.execute("CREATE INDEX dead_letters_received_at ON dead_letters (received_at)")
+
+
+def _try_create_timescaledb(cur: Cursor) -> bool:
+    """Create the timescaledb extension if possible; return whether it exists.
+
+    The attempt runs in a savepoint, because a failed CREATE EXTENSION (not
+    installed, not preloaded, no privilege) aborts the whole transaction.
+    """
+    cur.execute("SAVEPOINT timescaledb")
+    try:
+        cur.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    except psycopg2.Error as exc:
+        if cur.connection.closed:
+            raise
+        cur.execute("ROLLBACK TO SAVEPOINT timescaledb")
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.pgcode
+        log.info(
+            "migrate: readings created as a plain table (timescaledb unavailable: %s)",
+            reason,
+        )
+        return False
+    cur.execute("RELEASE SAVEPOINT timescaledb")
+    return True
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "create readings and dead_letters", _create_readings),
+)
+
+
+def migrate(conn: Connection) -> list[int]:
+    """Apply the migrations not yet recorded; return the versions applied.
+
+    The connection must not be in autocommit mode. psycopg2.OperationalError
+    and InterfaceError pass through unchanged so that the caller can
+    reconnect; any other database error becomes MigrationError.
+    """
+    applied = []
+    for migration in MIGRATIONS:
+        if _apply_one(conn, migration):
+            applied.append(migration.version)
+    return applied
+
+
+def _apply_one(conn: Connection, migration: Migration) -> bool:
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            cur.execute(
+                """
+                CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version int PRIMARY KEY,
+                    name text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )
+                """
+            )
+            cur.execute(
+                "SELECT 1 FROM schema_migrations WHERE version = %s",
+                (migration.version,),
+            )
+            if cur.fetchone() is not None:
+                return False
+            migration.apply(cur)
+            cur.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+    except (psycopg2.OperationalError, psycopg2.InterfaceError):
+        raise
+    except psycopg2.Error as exc:
+        raise MigrationError(migration.version, migration.name, exc) from exc
+    log.info("migrate: applied version %d (%s)", migration.version, migration.name)
+    return True
+
+
+def current_version(conn: Connection) -> int:
+    """Return the highest recorded migration version, 0 for an empty database."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return 0
+        cur.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+        row = cur.fetchone()
+        return int(row[0]) if row else 0

@@ -1,0 +1,57 @@
+"""Process-level run loop: signal handling around BackendService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from cnc_backend.config import BackendConfig, config_warnings
+from cnc_backend.consumer import BackendService
+
+log = logging.getLogger(__name__)
+
+
+def run(config: BackendConfig) -> bool:
+    """Run the backend until SIGTERM or SIGINT; return False if the drain timed out."""
+    return asyncio.run(serve_until_signalled(config))
+
+
+async def serve_until_signalled(config: BackendConfig) -> bool:
+    """Run a BackendService in this event loop, draining on SIGTERM or SIGINT."""
+    service = BackendService(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, service, signum)
+    # NOTE: metrics.listen is validated but not served yet; the backend has
+    # no Prometheus endpoint so far.
+    log.info(
+        "starting: cnc-backend (nats %s stream %s consumer %s, postgres %s)",
+        service.nats.target,
+        config.nats.stream,
+        config.nats.durable,
+        service.store.target,
+    )
+    for warning in config_warnings(config):
+        log.warning("config: %s", warning)
+    try:
+        drained = await service.run()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info(
+        "stopped: cnc-backend (%d inserted, %d duplicates, %d dead-lettered)",
+        service.counters.inserted,
+        service.counters.duplicates,
+        service.counters.dead_lettered,
+    )
+    return drained
+
+
+def _on_signal(service: BackendService, signum: int) -> None:
+    name = signal.Signals(signum).name
+    if service.stop_is_requested:
+        log.info("signal: %s (already draining)", name)
+        return
+    log.info("signal: %s (draining)", name)
+    service.request_stop()

@@ -1,0 +1,219 @@
+"""Helpers for the backend tests: short timeouts, a service thread, publishing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import nats
+import psycopg2
+import pytest
+
+from cnc_backend.config import BackendConfig, check_consistency
+from cnc_backend.consumer import BackendService, State
+from cnc_common.config import load
+from cnc_common.reading import encode, make_reading, new_boot_id, subject_for
+
+#: Timeouts short enough for tests; ack_wait bounds how long a redelivery takes.
+FAST = {
+    "nats": {
+        "ack_wait": 2.0,
+        "fetch_timeout": 0.2,
+        "batch_size": 50,
+        "connect_timeout": 1.0,
+        "ping_interval": 1.0,
+        "max_outstanding_pings": 2,
+    },
+    "postgres": {"connect_timeout": 2, "statement_timeout": 1.5},
+    "service": {"drain_timeout": 5.0, "reconnect_initial": 0.05, "reconnect_cap": 0.5},
+}
+
+
+def make_config(nats_url: str, dsn: str, **sections: dict[str, Any]) -> BackendConfig:
+    """Build a validated config with FAST timeouts, updated by ``sections``."""
+    data: dict[str, dict[str, Any]] = {name: dict(keys) for name, keys in FAST.items()}
+    data["nats"]["url"] = nats_url
+    data["postgres"]["dsn"] = dsn
+    for name, keys in sections.items():
+        data.setdefault(name, {}).update(keys)
+    config = load(BackendConfig, data, source="test")
+    check_consistency(config, "test")
+    return config
+
+
+def make_readings(n: int, machine: str = "m1", start: int = 0) -> list[dict[str, Any]]:
+    boot = new_boot_id()
+    return [
+        make_reading(
+            machine=machine,
+            boot=boot,
+            seq=seq,
+            ts=f"2024-05-01T12:{seq // 60 % 60:02d}:{seq % 60:02d}.{seq:06d}Z",
+            mono=float(seq),
+            fields={"spindle_rpm": 1000 + seq, "mode": "AUTO"},
+            errors={},
+        )
+        for seq in range(start, start + n)
+    ]
+
+
+def publish(
+    url: str, messages: list[tuple[str, bytes, str | None]], retry_for: float = 0.0
+) -> None:
+    """Publish (subject, payload, msg id) to JetStream, retrying each for ``retry_for`` s.
+
+    Retries reuse the Nats-Msg-Id, as the edge agent does, so the stream
+    stores a message once even if an acknowledgement was lost.
+    """
+
+    async def send() -> None:
+        nc = await nats.connect(
+            url,
+            connect_timeout=1,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.1,
+        )
+        js = nc.jetstream(timeout=2.0)
+        try:
+            for subject, payload, msg_id in messages:
+                headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+                deadline = time.monotonic() + retry_for
+                while True:
+                    try:
+                        await js.publish(subject, payload, headers=headers)
+                        break
+                    except (nats.errors.Error, OSError, TimeoutError):
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+
+    asyncio.run(send())
+
+
+def publish_readings(
+    url: str, readings: list[dict[str, Any]], retry_for: float = 0.0
+) -> None:
+    publish(
+        url,
+        [(subject_for(r["machine"]), encode(r), r["id"]) for r in readings],
+        retry_for,
+    )
+
+
+def consumer_counts(
+    url: str, stream: str = "CNC_READINGS", durable: str = "cnc-backend"
+) -> tuple[int, int]:
+    """Return the consumer's (messages not yet delivered, delivered but unacked)."""
+
+    async def read() -> tuple[int, int]:
+        nc = await nats.connect(url, connect_timeout=2)
+        try:
+            info = await nc.jetstream().consumer_info(stream, durable)
+            return info.num_pending or 0, info.num_ack_pending or 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def query(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def stored_ids(dsn: str) -> list[str]:
+    """Every id in readings, duplicates kept; [] while the table is missing."""
+    try:
+        return [row[0] for row in query(dsn, "SELECT id FROM readings")]
+    except psycopg2.errors.UndefinedTable:
+        return []
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class ServiceThread:
+    """A BackendService running in its own event loop on a background thread.
+
+    Test code blocks (stopping servers, polling PostgreSQL); with the service
+    on its own loop that never stalls the service's NATS client.
+    """
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.config = config
+        self.service: BackendService | None = None
+        self.drained: bool | None = None
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="backend", daemon=True)
+
+    def _main(self) -> None:
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            self.service = BackendService(self.config)
+            self._ready.set()
+            self.drained = await self.service.run()
+
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+            self._ready.set()
+
+    def start(self) -> ServiceThread:
+        self._thread.start()
+        assert self._ready.wait(5), "service did not start"
+        return self
+
+    @property
+    def state(self) -> State:
+        assert self.service is not None
+        return self.service.state
+
+    def wait_for_state(self, state: State, timeout: float = 15.0) -> None:
+        wait_for(lambda: self.state is state, timeout, f"state {state.name}")
+
+    def stop(self, timeout: float = 15.0) -> float:
+        """Request a stop, wait for run() to return; return the seconds it took."""
+        started = time.monotonic()
+        if self._loop is not None and self.service is not None:
+            self._loop.call_soon_threadsafe(self.service.request_stop)
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"service still running after {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return time.monotonic() - started
+
+
+@pytest.fixture
+def run_service() -> Iterator[Callable[[BackendConfig], ServiceThread]]:
+    """Start BackendService threads; any still running are stopped afterwards."""
+    started: list[ServiceThread] = []
+
+    def start(config: BackendConfig) -> ServiceThread:
+        runner = ServiceThread(config).start()
+        started.append(runner)
+        return runner
+
+    yield start
+    for runner in started:
+        if runner._thread.is_alive():
+            runner.stop()
