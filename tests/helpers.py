@@ -160,3 +160,43 @@ def stream_ids(nats_url: str, stream: str = "CNC_READINGS") -> list[str]:
             await nc.close()
 
     return asyncio.run(read())
+
+
+def write_backend_config(directory: Path, *, nats_url: str, extra: str = "") -> Path:
+    """A backend config for tests; pass the DSN as CNC_BACKEND_POSTGRES_DSN."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "backend.toml"
+    path.write_text(
+        f"""[nats]
+url = "{nats_url}"
+ack_wait = 5.0
+fetch_timeout = 0.5
+connect_timeout = 2.0
+ping_interval = 1.0
+
+[service]
+reconnect_initial = 0.1
+reconnect_cap = 1.0
+
+[metrics]
+listen = "127.0.0.1:0"
+{extra}
+"""
+    )
+    return path
+
+
+def stored_ids(dsn: str, machine: str | None = None) -> list[str]:
+    """Every reading id in the readings table, duplicates kept."""
+    import psycopg2
+
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            if machine is None:
+                cur.execute("SELECT id FROM readings")
+            else:
+                cur.execute("SELECT id FROM readings WHERE machine_id = %s", (machine,))
+            return [row[0] for row in cur.fetchall()]
+    finally:
+        conn.close()
