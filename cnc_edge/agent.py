@@ -18,6 +18,8 @@ import time
 from multiprocessing.connection import wait
 from typing import Any
 
+import orjson
+
 from cnc_edge.buffer import run_buffer
 from cnc_edge.config import EdgeConfig
 from cnc_edge.poller import run_poller
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 POLLER_STOP_TIMEOUT = 10.0
 BUFFER_STOP_TIMEOUT = 20.0
 PUBLISHER_STOP_TIMEOUT = 10.0
+
+AGENT_FILE = "agent.json"
 
 
 class EdgeAgent:
@@ -73,6 +77,21 @@ class EdgeAgent:
             process.start()
             self.children[name] = process
             log.info("child started: %s (pid %s)", name, process.pid)
+        self.write_agent_file()
+
+    def write_agent_file(self) -> None:
+        """Record the process ids in ``<data_dir>/agent.json`` for operators and tests."""
+        info = {
+            "pid": os.getpid(),
+            "machine": self.config.machine.id,
+            "started": time.time(),
+            "children": {name: process.pid for name, process in self.children.items()},
+        }
+        target = self.config.data_dir / AGENT_FILE
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, target)
 
     def request_stop(self, signum: int | None = None, frame: Any = None) -> None:
         if signum is not None:

@@ -32,6 +32,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from cnc_common.backoff import Backoff, RateLimitedCounter
 from cnc_edge.config import EdgeConfig
+from cnc_edge.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class Publisher:
             if failed:
                 self.outbox.put(("failed", failed, reason))
         elif kind == "replay":
+            crash_point("publisher_replay")
             token, batch = item[1], item[2]
             acked, failed, reason = await self._publish(batch)
             self.outbox.put(("replayed", token, not failed, reason, len(acked)))
