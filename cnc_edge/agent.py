@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from cnc_edge.buffer import run_buffer
+from cnc_edge.buffer import STATE_FILE, run_buffer
 from cnc_edge.config import EdgeConfig
 from cnc_edge.poller import run_poller
 from cnc_edge.publisher import run_publisher
@@ -102,6 +102,9 @@ class EdgeAgent:
         """Run until a stop signal or a child's death; return the exit status."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        # A state file left by the previous run would report its last state
+        # until the new buffer writes one.
+        (self.config.data_dir / STATE_FILE).unlink(missing_ok=True)
         self._start_children()
         sentinels = {process.sentinel: name for name, process in self.children.items()}
         died: str | None = None

@@ -114,11 +114,30 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout} s: {message}")
 
 
-def wait_for_state(data_dir: Path, state: str, timeout: float = 30) -> None:
+def wait_for_state(
+    data_dir: Path,
+    state: str,
+    timeout: float = 30,
+    agent: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait for the edge state; with ``agent``, only a state that process wrote counts."""
+
+    def reached() -> bool:
+        status = edge_status(data_dir)
+        if status.get("state") != state:
+            return False
+        if agent is None:
+            return True
+        try:
+            info = orjson.loads((data_dir / "agent.json").read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return False
+        return info["pid"] == agent.pid and info["children"]["buffer"] == status["pid"]
+
     wait_for(
-        lambda: edge_status(data_dir)["state"] == state,
+        reached,
         timeout,
-        f"edge state {state} (last: {edge_status(data_dir)['state']})",
+        f"edge state {state} (last: {edge_status(data_dir).get('state')})",
     )
 
 
