@@ -20,8 +20,16 @@ from typing import Any
 
 import orjson
 
+from cnc_common.httpserver import EndpointServer
 from cnc_edge.buffer import STATE_FILE, run_buffer
 from cnc_edge.config import EdgeConfig
+from cnc_edge.endpoints import AgentEndpoints
+from cnc_edge.metrics import (
+    METRICS_DIR,
+    aggregate_registry,
+    forget_process,
+    prepare_multiprocess_dir,
+)
 from cnc_edge.poller import run_poller
 from cnc_edge.publisher import run_publisher
 
@@ -48,6 +56,9 @@ class EdgeAgent:
         self.publisher_dead = self.ctx.Event()
         self.children: dict[str, Any] = {}
         self._stop_requested = threading.Event()
+        self.metrics_dir = config.data_dir / METRICS_DIR
+        self.metrics_url: str | None = None
+        self._endpoint_server: EndpointServer | None = None
 
     def _start_children(self) -> None:
         pid = os.getpid()
@@ -86,6 +97,7 @@ class EdgeAgent:
             "machine": self.config.machine.id,
             "started": time.time(),
             "children": {name: process.pid for name, process in self.children.items()},
+            "metrics_url": self.metrics_url,
         }
         target = self.config.data_dir / AGENT_FILE
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -105,6 +117,13 @@ class EdgeAgent:
         # A state file left by the previous run would report its last state
         # until the new buffer writes one.
         (self.config.data_dir / STATE_FILE).unlink(missing_ok=True)
+        self._start_endpoints()
+        try:
+            return self._supervise()
+        finally:
+            self._stop_endpoints()
+
+    def _supervise(self) -> int:
         self._start_children()
         sentinels = {process.sentinel: name for name, process in self.children.items()}
         died: str | None = None
@@ -145,6 +164,46 @@ class EdgeAgent:
             log.error("child did not stop: %s after %.0f s, killing it", name, timeout)
             process.kill()
             process.join(5)
+        if not process.is_alive():
+            forget_process(process.pid, self.metrics_dir)
+
+    # HTTP endpoints -------------------------------------------------------
+
+    def _start_endpoints(self) -> None:
+        """Empty the children's metric directory and serve the endpoints.
+
+        Runs before any child is spawned, because the children read
+        PROMETHEUS_MULTIPROC_DIR from the environment they inherit.
+        """
+        prepare_multiprocess_dir(self.metrics_dir)
+        registry = aggregate_registry(self.metrics_dir)
+        endpoints = AgentEndpoints(self.config, registry, self._process_ids)
+        server = EndpointServer(self.config.metrics.listen, endpoints.routes())
+        try:
+            self.metrics_url = server.start()
+        except OSError as exc:
+            # Polling matters more than metrics: a busy port must not stop the
+            # agent from collecting readings.
+            log.error(
+                "metrics endpoint failed: %s (%s); running without it",
+                self.config.metrics.listen,
+                exc,
+            )
+            return
+        self._endpoint_server = server
+        log.info("metrics: listening on %s", self.metrics_url)
+
+    def _stop_endpoints(self) -> None:
+        if self._endpoint_server is not None:
+            self._endpoint_server.close()
+            self._endpoint_server = None
+
+    def _process_ids(self) -> dict[str, Any]:
+        children = list(self.children.items())
+        return {
+            "pid": os.getpid(),
+            "children": {name: process.pid for name, process in children},
+        }
 
 
 def run_agent(config: EdgeConfig) -> int:

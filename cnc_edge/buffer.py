@@ -35,6 +35,7 @@ from cnc_edge.config import EdgeConfig
 from cnc_edge.crashpoints import crash_point
 from cnc_edge.fsm import EdgeState, build_machine
 from cnc_edge.journal import QUARANTINE, Journal, oldest_buffered_ts, read_journal
+from cnc_edge.metrics import BufferMetrics
 from cnc_edge.process import parent_alive
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,10 @@ class Buffer:
         from_publisher: Any,
         stop_event: Any,
         publisher_dead: Any,
+        metrics: BufferMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or BufferMetrics(config.machine.id)
         self.in_queue = in_queue
         self.to_publisher = to_publisher
         self.from_publisher = from_publisher
@@ -95,6 +98,7 @@ class Buffer:
         self._intake_done = threading.Event()
         self._last_state_write = 0.0
         build_machine(self, after_state_change="_on_state_change", send_event=True)
+        self.metrics.record_start(self.state, config.journal.max_buffer_bytes)
 
     # State machine callbacks ------------------------------------------
 
@@ -102,6 +106,7 @@ class Buffer:
         source = event.transition.source
         dest = event.transition.dest
         self.state_since = time.time()
+        self.metrics.record_state(EdgeState[source], self.state)
         log.info(
             "state: %s -> %s (machine %s, trigger %s)",
             source,
@@ -170,6 +175,7 @@ class Buffer:
         """Journal readings (lock held), counting and logging any that are dropped."""
         result = self.journal.append(payloads)
         self.counters["journaled"] += result.written
+        self.metrics.record_append(result.written, result.dropped, result.reason)
         if not result.dropped:
             return
         reason = result.reason or "unknown"
@@ -192,6 +198,7 @@ class Buffer:
             payloads = [self.inflight.pop(rid) for rid in ids if rid in self.inflight]
             self._append(payloads)
             self.counters["publish_failed"] += len(payloads)
+            self.metrics.publish_failed.inc(len(payloads))
             log.warning(
                 "publish failed: %d readings journaled (machine %s, %s)",
                 len(payloads),
@@ -261,6 +268,7 @@ class Buffer:
         duration = time.monotonic() - started
         self.counters["syncs"] += 1
         self.counters["replayed"] += replayed
+        self.metrics.record_sync("completed", duration, replayed)
         self.last_sync = {
             "at": time.time(),
             "readings": replayed,
@@ -281,6 +289,8 @@ class Buffer:
             if self.state is not EdgeState.SYNCING:
                 return
             log.warning("sync aborted: %s (machine %s)", reason, self.config.machine.id)
+            result = "failed" if failed or self.link_is_up else "interrupted"
+            self.metrics.record_sync(result)
             if failed or self.link_is_up:
                 self.sync_failed()
             else:
@@ -291,6 +301,7 @@ class Buffer:
 
         def count_quarantined() -> None:
             self.counters["quarantined"] += 1
+            self.metrics.quarantined.inc()
 
         start = self.journal.load_progress(path)
         if start:
@@ -429,7 +440,9 @@ class Buffer:
         tmp = target.with_suffix(".tmp")
         try:
             with self.lock:
-                data = orjson.dumps(self.status(), option=orjson.OPT_INDENT_2)
+                status = self.status()
+                data = orjson.dumps(status, option=orjson.OPT_INDENT_2)
+            self.metrics.record_status(status)
             tmp.write_bytes(data)
             os.replace(tmp, target)
         except OSError as exc:

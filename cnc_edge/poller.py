@@ -18,6 +18,7 @@ from cnc_common.backoff import Backoff, RateLimitedCounter
 from cnc_common.reading import encode, make_reading, new_boot_id, utc_now_iso
 from cnc_edge.config import EdgeConfig
 from cnc_edge.haas import HaasClient, SerialLinkError, validate_command
+from cnc_edge.metrics import PollerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,15 @@ def open_port(config: EdgeConfig) -> serial.SerialBase:
 
 
 class Poller:
-    def __init__(self, config: EdgeConfig, out_queue: Any, stop_event: Any) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        out_queue: Any,
+        stop_event: Any,
+        metrics: PollerMetrics | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics or PollerMetrics(config.machine.id)
         self.out_queue = out_queue
         self.stop_event = stop_event
         self.boot = new_boot_id()
@@ -151,7 +159,9 @@ class Poller:
         )
         next_start = time.monotonic()
         while not self.stop_event.is_set() and parent_alive(parent_pid):
+            started = time.monotonic()
             reading = self.poll_once()
+            self.metrics.record_poll(reading, time.monotonic() - started)
             payload = encode(reading)
             self.out_queue.put((reading["id"], payload))
             if self.audit is not None:

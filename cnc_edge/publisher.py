@@ -21,6 +21,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 import nats
@@ -33,6 +34,7 @@ from nats.js.api import StorageType, StreamConfig
 from cnc_common.backoff import Backoff, RateLimitedCounter
 from cnc_edge.config import EdgeConfig
 from cnc_edge.crashpoints import crash_point
+from cnc_edge.metrics import PublisherMetrics
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,15 @@ Batch = list[tuple[str, bytes]]
 
 
 class Publisher:
-    def __init__(self, config: EdgeConfig, inbox: Any, outbox: Any) -> None:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        inbox: Any,
+        outbox: Any,
+        metrics: PublisherMetrics | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics or PublisherMetrics(config.machine.id)
         self.nats_cfg = config.nats
         self.inbox = inbox
         self.outbox = outbox
@@ -171,7 +180,9 @@ class Publisher:
 
     # Publishing ---------------------------------------------------------
 
-    async def _publish(self, batch: Batch) -> tuple[list[str], list[str], str]:
+    async def _publish(
+        self, batch: Batch, kind: str = "live"
+    ) -> tuple[list[str], list[str], str]:
         """Publish a batch with pipelined PubAcks; return (acked, failed, reason)."""
         if not self.link_up or self.js is None:
             return [], [rid for rid, _ in batch], "offline"
@@ -180,6 +191,7 @@ class Publisher:
         failed: list[str] = []
         reason = ""
         for rid, payload in batch:
+            started = time.monotonic()
             try:
                 future = await self.js.publish_async(
                     subject,
@@ -192,6 +204,7 @@ class Publisher:
                 reason = reason or type(exc).__name__
                 continue
             futures.append((rid, future))
+            self.metrics.time_ack(kind, future, started)
         if futures:
             await asyncio.wait(
                 [future for _, future in futures], timeout=self.nats_cfg.ack_timeout
@@ -216,6 +229,7 @@ class Publisher:
         kind = item[0]
         if kind == "live":
             acked, failed, reason = await self._publish(item[1])
+            self.metrics.record_acked("live", len(acked))
             if acked:
                 self.outbox.put(("acked", acked))
             if failed:
@@ -223,7 +237,8 @@ class Publisher:
         elif kind == "replay":
             crash_point("publisher_replay")
             token, batch = item[1], item[2]
-            acked, failed, reason = await self._publish(batch)
+            acked, failed, reason = await self._publish(batch, "replay")
+            self.metrics.record_acked("replay", len(acked))
             self.outbox.put(("replayed", token, not failed, reason, len(acked)))
         elif kind == "stop":
             self._stopping = True
