@@ -48,6 +48,12 @@ def _subject_prefix(value: str) -> str | None:
     return "expected dot-separated subject tokens without wildcards, e.g. cnc.readings"
 
 
+def _replicas(value: int) -> str | None:
+    if 1 <= value <= 5:
+        return None
+    return "expected 1 to 5, the replica counts JetStream allows"
+
+
 def _dsn(value: str) -> str | None:
     try:
         parse_dsn(value)
@@ -70,6 +76,7 @@ class NatsConfig:
     max_deliver: int = field(default=-1, metadata={CHECK: _max_deliver})
     max_payload_bytes: int = field(default=65536, metadata={CHECK: positive})
     duplicate_window: float = field(default=120.0, metadata={CHECK: positive})
+    stream_replicas: int = field(default=1, metadata={CHECK: _replicas})
     connect_timeout: float = field(default=2.0, metadata={CHECK: positive})
     ping_interval: float = field(default=10.0, metadata={CHECK: positive})
     max_outstanding_pings: int = field(default=3, metadata={CHECK: positive})

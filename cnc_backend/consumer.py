@@ -116,6 +116,11 @@ class Counters:
     dead_lettered: int = 0
     batches: int = 0
     reconnects: int = 0
+    # The stream or the durable consumer was missing after this process had
+    # used it, and was created again: the server lost its store, or someone
+    # deleted it. Messages the server held then are gone.
+    stream_recreated: int = 0
+    consumer_recreated: int = 0
     last_batch_at: float | None = None
 
 
@@ -197,7 +202,9 @@ class JetStreamConsumer:
 
     After the first connection nats-py reconnects by itself, without an
     attempt limit and with delays from ``backoff``. ``on_disconnected`` and
-    ``on_reconnected`` report those events to the service.
+    ``on_reconnected`` report those events to the service, and
+    ``on_recreated`` is called with "stream" or "consumer" when setup() had
+    to create one that this object had found before.
     """
 
     def __init__(
@@ -206,6 +213,7 @@ class JetStreamConsumer:
         backoff: Backoff,
         on_disconnected: Callable[[], None],
         on_reconnected: Callable[[], None],
+        on_recreated: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.target = describe_nats_url(config.url)
@@ -213,6 +221,9 @@ class JetStreamConsumer:
         self.needs_setup = True
         self._on_disconnected = on_disconnected
         self._on_reconnected = on_reconnected
+        self._on_recreated = on_recreated
+        self._stream_seen = False
+        self._consumer_seen = False
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -359,6 +370,7 @@ class JetStreamConsumer:
         cfg = self.config
         try:
             await self._js.stream_info(cfg.stream)
+            self._stream_seen = True
             return
         except nats.js.errors.NotFoundError:
             pass
@@ -368,9 +380,30 @@ class JetStreamConsumer:
                 subjects=[f"{cfg.subject_prefix}.>"],
                 storage=api.StorageType.FILE,
                 duplicate_window=cfg.duplicate_window,
+                num_replicas=cfg.stream_replicas,
             )
         )
-        log.info("created: stream %s (subjects %s.>)", cfg.stream, cfg.subject_prefix)
+        if self._stream_seen:
+            self._recreated("stream", cfg.stream)
+        else:
+            log.info(
+                "created: stream %s (subjects %s.>, %d replicas)",
+                cfg.stream,
+                cfg.subject_prefix,
+                cfg.stream_replicas,
+            )
+        self._stream_seen = True
+
+    def _recreated(self, kind: str, name: str) -> None:
+        log.warning(
+            "recreated: %s %s on nats %s (it was missing: the server lost its "
+            "store or it was deleted; messages it held are gone)",
+            kind,
+            name,
+            self.target,
+        )
+        if self._on_recreated is not None:
+            self._on_recreated(kind)
 
     def _consumer_config(self) -> api.ConsumerConfig:
         cfg = self.config
@@ -394,8 +427,13 @@ class JetStreamConsumer:
             info = await self._js.consumer_info(cfg.stream, cfg.durable)
         except nats.js.errors.NotFoundError:
             await self._js.add_consumer(cfg.stream, wanted)
-            log.info("created: consumer %s on stream %s", cfg.durable, cfg.stream)
+            if self._consumer_seen:
+                self._recreated("consumer", cfg.durable)
+            else:
+                log.info("created: consumer %s on stream %s", cfg.durable, cfg.stream)
+            self._consumer_seen = True
             return
+        self._consumer_seen = True
         current = info.config
         if (current.ack_wait, current.max_deliver) == (
             wanted.ack_wait,
@@ -526,6 +564,7 @@ class BackendService:
             Backoff(initial=svc.reconnect_initial, cap=svc.reconnect_cap),
             on_disconnected=self._nats_disconnected,
             on_reconnected=self._nats_reconnected,
+            on_recreated=self._nats_recreated,
         )
         # One thread, so that psycopg2 calls on the connection never overlap.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cnc-backend-db")
@@ -565,6 +604,12 @@ class BackendService:
 
     def _nats_reconnected(self) -> None:
         self._wake.set()
+
+    def _nats_recreated(self, kind: str) -> None:
+        if kind == "stream":
+            self.counters.stream_recreated += 1
+        else:
+            self.counters.consumer_recreated += 1
 
     def _lost(self, exc: BackendError) -> None:
         """Enter RECONNECTING, or log the repeated failure if already there."""

@@ -43,6 +43,8 @@ def test_config_env_overrides_dsn(tmp_path, monkeypatch):
     [
         ("[nats]\nbatch_size = 0\n", "nats.batch_size"),
         ("[nats]\nmax_deliver = 0\n", "nats.max_deliver"),
+        ("[nats]\nstream_replicas = 6\n", "nats.stream_replicas"),
+        ("[nats]\nstream_replicas = 0\n", "nats.stream_replicas"),
         ("[nats]\nurl = 'http://x'\n", "nats.url"),
         ("[nats]\nsubject_prefix = 'cnc.>'\n", "nats.subject_prefix"),
         ("[nats]\nfetch_timeout = 20.0\n", "nats.fetch_timeout"),

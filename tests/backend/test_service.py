@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import time
 
 import pytest
@@ -152,7 +153,8 @@ def test_nats_kill_and_restart_loses_nothing(nats_server, pg_dsn, run_service):
 
 @pytest.mark.fault
 @pytest.mark.timeout(60)
-def test_nats_store_loss_recreates_stream(nats_server, pg_dsn, run_service):
+def test_nats_store_loss_recreates_stream(nats_server, pg_dsn, caplog, run_service):
+    caplog.set_level(logging.INFO, logger="cnc_backend")
     runner = run_service(make_config(nats_server.url, pg_dsn))
     runner.wait_for_state(State.CONNECTED)
     first = make_readings(10, machine="m1")
@@ -169,6 +171,14 @@ def test_nats_store_loss_recreates_stream(nats_server, pg_dsn, run_service):
     wait_for(lambda: len(stored_ids(pg_dsn)) == 20, 20, "second readings stored")
     runner.stop()
     assert_stored_once(pg_dsn, first + second)
+    # Operators are told: a counter to alert on and one WARNING line each.
+    assert runner.service.counters.stream_recreated == 1
+    assert runner.service.counters.consumer_recreated == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    recreated = [m for m in warnings if m.startswith("recreated: ")]
+    assert len(recreated) == 2
+    assert recreated[0].startswith("recreated: stream CNC_READINGS on nats ")
+    assert recreated[1].startswith("recreated: consumer cnc-backend on nats ")
 
 
 @pytest.mark.fault
