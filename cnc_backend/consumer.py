@@ -38,6 +38,7 @@ from transitions import EventData, Machine
 
 from cnc_backend.config import BackendConfig, NatsConfig, describe_nats_url
 from cnc_backend.errors import BackendError, NatsUnavailable, StoreUnavailable
+from cnc_backend.metrics import BackendMetrics
 from cnc_backend.store import (
     REJECTED_BY_DATABASE,
     DeadLetter,
@@ -496,6 +497,17 @@ class JetStreamConsumer:
             self.needs_setup = True
             raise NatsUnavailable(self.target, "consumer check failed", exc) from exc
 
+    async def pending_counts(self) -> tuple[int, int]:
+        """Return the consumer's (num_pending, num_ack_pending) from consumer_info.
+
+        Raises NatsUnavailable before the first connection, and the nats-py
+        errors of a failed request.
+        """
+        if self._js is None:
+            raise NatsUnavailable(self.target, "pending counts before connecting")
+        info = await self._js.consumer_info(self.config.stream, self.config.durable)
+        return info.num_pending or 0, info.num_ack_pending or 0
+
     async def settle(self, ack: list[Msg], term: list[Msg]) -> bool:
         """Acknowledge stored messages and terminate dead letters; True if sent.
 
@@ -552,9 +564,16 @@ class BackendService:
 
     state: State
 
-    def __init__(self, config: BackendConfig, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: BackendConfig,
+        store: Store | None = None,
+        metrics: BackendMetrics | None = None,
+    ) -> None:
         self.config = config
         self.counters = Counters()
+        self.metrics = metrics or BackendMetrics()
+        self.metrics.watch(self)
         self.failure: str | None = None
         self.store = store or Store(config.postgres)
         svc = config.service
@@ -588,6 +607,8 @@ class BackendService:
         source = event.transition.source
         if source == self.state.name:
             return
+        waiting = event.kwargs.get("waiting")
+        self.metrics.record_transition(source, self.state.name, waiting)
         if self.state is State.RECONNECTING:
             self.counters.reconnects += 1
             detail = f"{self.failure}; waiting for {event.kwargs.get('waiting')}"
@@ -737,7 +758,9 @@ class BackendService:
     async def _store_batch(self, messages: list[Msg]) -> None:
         cfg = self.config.nats
         self.counters.fetched += len(messages)
+        self.metrics.record_fetch(len(messages))
         batch = prepare_batch(messages, cfg.subject_prefix, cfg.max_payload_bytes)
+        started = time.monotonic()
         try:
             result = await self._in_thread(
                 self.store.write_batch, batch.rows, batch.dead_letters
@@ -746,6 +769,8 @@ class BackendService:
             # Nothing is acknowledged: JetStream redelivers after ack_wait.
             self._lost(exc)
             return
+        seconds = time.monotonic() - started
+        self.metrics.record_commit(batch.rows, batch.dead_letters, result, seconds)
         ack, term = batch.settlement(result)
         await self.nats.settle(ack, term)
         self._count(result)

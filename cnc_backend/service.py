@@ -6,14 +6,20 @@ import asyncio
 import logging
 import signal
 
+from prometheus_client import disable_created_metrics
+
 from cnc_backend.config import BackendConfig, config_warnings
 from cnc_backend.consumer import BackendService
+from cnc_backend.endpoints import start_endpoints
+from cnc_backend.metrics import refresh_pending
 
 log = logging.getLogger(__name__)
 
 
 def run(config: BackendConfig) -> bool:
     """Run the backend until SIGTERM or SIGINT; return False if the drain timed out."""
+    # The *_created series double the scrape for start times nobody alerts on.
+    disable_created_metrics()
     return asyncio.run(serve_until_signalled(config))
 
 
@@ -23,8 +29,6 @@ async def serve_until_signalled(config: BackendConfig) -> bool:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, service, signum)
-    # NOTE: metrics.listen is validated but not served yet; the backend has
-    # no Prometheus endpoint so far.
     log.info(
         "starting: cnc-backend (nats %s stream %s consumer %s, postgres %s)",
         service.nats.target,
@@ -34,11 +38,16 @@ async def serve_until_signalled(config: BackendConfig) -> bool:
     )
     for warning in config_warnings(config):
         log.warning("config: %s", warning)
+    endpoints = start_endpoints(config.metrics.listen, service)
+    refresher = asyncio.create_task(refresh_pending(service))
     try:
         drained = await service.run()
     finally:
+        refresher.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if endpoints is not None:
+            endpoints.close()
     log.info(
         "stopped: cnc-backend (%d inserted, %d duplicates, %d dead-lettered)",
         service.counters.inserted,
