@@ -19,6 +19,7 @@ ack timeout) and those not yet read from the poller's queue.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -446,7 +447,31 @@ class Buffer:
             tmp.write_bytes(data)
             os.replace(tmp, target)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) and _overwrite(target, data):
+                return
             log.warning("state file write failed: %s (%s)", target, exc)
+
+
+def _overwrite(target: Path, data: bytes) -> bool:
+    """Rewrite a file in place, which needs no free space while it does not grow.
+
+    On a full disk the atomic write-and-rename fails, and the state file is
+    exactly what an operator reads to find out why; a reader may see a torn
+    file for a moment and retries.
+    """
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def run_buffer(
