@@ -97,7 +97,11 @@ class _Handler(BaseHTTPRequestHandler):
         response = text_response(
             HTTPStatus.METHOD_NOT_ALLOWED, f"method not allowed; use {ALLOWED_METHODS}"
         )
-        self._send(response, send_body=True, extra={"Allow": ALLOWED_METHODS})
+        # The request body, if any, is never read, so the connection cannot
+        # carry another request.
+        self.close_connection = True
+        extra = {"Allow": ALLOWED_METHODS, "Connection": "close"}
+        self._send(response, send_body=True, extra=extra)
 
     do_POST = do_PUT = do_DELETE = do_PATCH = _reject_method
     do_OPTIONS = do_TRACE = do_CONNECT = _reject_method
@@ -169,7 +173,7 @@ class EndpointServer:
         self._server = _Server(parse_listen(self.listen), self.routes)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.5},
+            kwargs={"poll_interval": 0.2},
             name="http-endpoints",
             daemon=True,
         )
