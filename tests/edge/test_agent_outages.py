@@ -41,6 +41,9 @@ def test_agent_starts_offline_and_syncs_when_broker_appears(
             30,
             "10 polls while offline",
         )
+        # Longer than nats-py's default budget of 60 attempts at the test
+        # config's 0.1 s reconnect wait.
+        time.sleep(8)
         assert (data / "current.jsonl").stat().st_size > 0
         nats.start()
         wait_for_state(data, "ONLINE", timeout=30)
@@ -83,3 +86,31 @@ def test_every_polled_reading_reaches_stream_across_restarts(
     status = edge_status(data)
     assert status["counters"]["syncs"] >= 3
     assert status["counters"]["journaled"] > 0
+
+
+def test_keepalive_detects_dead_link_without_traffic(tmp_path: Path, sim_pty) -> None:
+    """No readings to publish: only pings can notice a frozen broker."""
+    nats = NatsServer(tmp_path / "nats").start()
+    config = write_edge_config(
+        tmp_path / "edge", serial_url=sim_pty.url, nats_url=nats.url, interval=60.0
+    )
+    data = tmp_path / "edge" / "data"
+    agent = start_program(
+        "cnc_edge.cli", ["run", "--config", str(config)], tmp_path / "edge.log"
+    )
+    try:
+        wait_for_state(data, "ONLINE", timeout=30, agent=agent)
+        time.sleep(1.0)
+        nats.freeze()
+        frozen_at = time.monotonic()
+        # ping_interval 1 s and max_outstanding_pings 2 in the test config:
+        # the client drops the server after about 3 s; allow for a busy machine.
+        wait_for_state(data, "OFFLINE", timeout=15, agent=agent)
+        assert time.monotonic() - frozen_at < 15
+        assert len(polled_ids(tmp_path / "edge")) == 1, "a poll created traffic"
+        nats.thaw()
+        wait_for_state(data, "ONLINE", timeout=30, agent=agent)
+    finally:
+        nats.thaw()
+        assert stop_program(agent) == 0
+        nats.close()
