@@ -66,6 +66,9 @@ JS_API_TIMEOUT = 5.0
 #: Part of drain_timeout kept back for closing the connections.
 CLOSE_RESERVE = 1.0
 
+#: Seconds between checks for a PostgreSQL request stalled without a response.
+STORE_WATCH_INTERVAL = 0.5
+
 #: Errors nats-py raises for a lost connection or a failed JetStream request.
 NATS_FAILURES = (nats.errors.Error, OSError, TimeoutError)
 
@@ -689,6 +692,9 @@ class BackendService:
                 self.config.service.drain_timeout,
             )
             serve.cancel()
+            # Free the database thread, so that closing does not queue
+            # behind a request the server may never respond to.
+            self.store.abort_stalled_request(force=True)
             return False
 
     async def _close(self, timeout: float) -> None:
@@ -804,9 +810,20 @@ class BackendService:
 
     async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
         # psycopg2 blocks; running it here keeps the event loop, and with it
-        # the NATS client's PING replies, going while a query runs.
+        # the NATS client's PING replies, going while a query runs. A request
+        # stalled without a response is aborted from here, which makes
+        # ``func`` raise StoreUnavailable.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, func, *args)
+        future = loop.run_in_executor(self._executor, func, *args)
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=STORE_WATCH_INTERVAL)
+                if done:
+                    return future.result()
+                self.store.abort_stalled_request()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
 
     async def _until_stopped(self, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable``, abandoning it and raising _Stopped on a stop request."""

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,6 +30,14 @@ from cnc_backend.errors import StoreUnavailable
 from cnc_backend.schema import DEAD_LETTER_RAW_LIMIT, migrate
 
 log = logging.getLogger(__name__)
+
+#: Seconds past statement_timeout after which a request without a response
+#: means the server or the network is gone. PostgreSQL cancels a statement at
+#: statement_timeout and responds at once. A frozen server process (stopped,
+#: or hung on its disk) never responds, while the kernel of its host keeps
+#: acknowledging TCP data and keepalive probes, so neither keepalives nor
+#: tcp_user_timeout end the wait.
+NO_RESPONSE_MARGIN = 5.0
 
 # Batches go through COPY into a session-local staging table, then one
 # INSERT ... SELECT with ON CONFLICT DO NOTHING. Measured against execute_values
@@ -149,6 +163,50 @@ class WriteResult:
     rejected: tuple[int, ...] = ()
 
 
+class _WatchedConnection(Connection):
+    """A connection that records since when a request waits for a response."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: time.monotonic() when the request in flight was sent, else None.
+        self.waiting_since: float | None = None
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        self.waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.waiting_since = None
+
+    def commit(self) -> None:
+        with self.request():
+            super().commit()
+
+    def rollback(self) -> None:
+        # A broken connection has no transaction left to roll back, and the
+        # "connection already closed" error rollback() would raise inside
+        # ``with conn`` hides the error that broke it.
+        if self.closed:
+            return
+        with self.request():
+            super().rollback()
+
+
+class _WatchedCursor(Cursor):
+    """A cursor whose statements mark their connection as waiting."""
+
+    connection: _WatchedConnection
+
+    def execute(self, query: Any, vars: Any = None) -> None:
+        with self.connection.request():
+            super().execute(query, vars)
+
+    def copy_expert(self, sql: Any, file: Any, size: int = 8192) -> None:
+        with self.connection.request():
+            super().copy_expert(sql, file, size)
+
+
 def open_connection(config: PostgresConfig) -> Connection:
     """Open a connection with the configured timeouts; raise StoreUnavailable."""
     # Keepalives only probe an idle socket. While a write waits for an
@@ -168,18 +226,33 @@ def open_connection(config: PostgresConfig) -> Connection:
             tcp_user_timeout=dead_after_ms,
             options=f"-c statement_timeout={int(config.statement_timeout * 1000)}",
             application_name="cnc-backend",
+            connection_factory=_WatchedConnection,
+            cursor_factory=_WatchedCursor,
         )
     except psycopg2.Error as exc:
         raise StoreUnavailable(describe_dsn(config.dsn), "connect failed", exc) from exc
 
 
 class Store:
-    """The backend's PostgreSQL connection and its batch writes."""
+    """The backend's PostgreSQL connection and its batch writes.
+
+    Every method except ``abort_stalled_request`` runs on one worker thread.
+    ``abort_stalled_request`` is called from another thread, while a request
+    may be in flight.
+    """
 
     def __init__(self, config: PostgresConfig) -> None:
         self.config = config
         self.target = describe_dsn(config.dsn)
         self._conn: Connection | None = None
+        # The connection in use, from connect() on, and a duplicate of its
+        # socket. Shutting the duplicate down wakes a thread blocked in libpq
+        # on the same socket. Because the duplicate stays open until close(),
+        # its descriptor number cannot be reused for another socket.
+        self._lock = threading.Lock()
+        self._watched: _WatchedConnection | None = None
+        self._watch_socket: socket.socket | None = None
+        self._aborted_after: float | None = None
 
     @property
     def connected(self) -> bool:
@@ -190,14 +263,18 @@ class Store:
         if self.connected:
             return
         conn = open_connection(self.config)
+        self._watch(conn)
         try:
             migrate(conn)
             with conn, conn.cursor() as cur:
                 cur.execute(_CREATE_STAGING)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            problem = self._failure("migration failed")
+            self._unwatch()
             conn.close()
-            raise StoreUnavailable(self.target, "migration failed", exc) from exc
+            raise StoreUnavailable(self.target, problem, exc) from exc
         except BaseException:
+            self._unwatch()
             conn.close()
             raise
         self._conn = conn
@@ -206,6 +283,7 @@ class Store:
     def close(self) -> None:
         """Close the connection; safe to call when it is already gone."""
         conn, self._conn = self._conn, None
+        self._unwatch()
         if conn is None:
             return
         try:
@@ -213,6 +291,49 @@ class Store:
         except psycopg2.Error:
             pass
         log.info("closed: postgres %s", self.target)
+
+    def abort_stalled_request(self, force: bool = False) -> float | None:
+        """Abort a request stalled without a response by shutting down its socket.
+
+        A request counts as stalled after statement_timeout plus
+        NO_RESPONSE_MARGIN seconds, or at once with ``force``. The blocked
+        call then fails with StoreUnavailable. Return the seconds the
+        request waited if this aborted it, else None.
+        """
+        limit = self.config.statement_timeout + NO_RESPONSE_MARGIN
+        with self._lock:
+            conn, sock = self._watched, self._watch_socket
+            if conn is None or sock is None or conn.waiting_since is None:
+                return None
+            waited = time.monotonic() - conn.waiting_since
+            if waited < limit and not force:
+                return None
+            self._aborted_after = waited
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # Already disconnected: the blocked call fails anyway.
+        return waited
+
+    def _watch(self, conn: Connection) -> None:
+        assert isinstance(conn, _WatchedConnection)
+        with self._lock:
+            self._watched = conn
+            self._watch_socket = socket.socket(fileno=os.dup(conn.fileno()))
+            self._aborted_after = None
+
+    def _unwatch(self) -> None:
+        with self._lock:
+            sock, self._watch_socket = self._watch_socket, None
+            self._watched = None
+        if sock is not None:
+            sock.close()
+
+    def _failure(self, problem: str) -> str:
+        """Return ``problem``, or why abort_stalled_request() ended the request."""
+        if self._aborted_after is None:
+            return problem
+        return f"no response after {self._aborted_after:.1f} s, connection dropped"
 
     def write_batch(
         self, rows: list[ReadingRow], dead_letters: list[DeadLetter]
@@ -229,10 +350,14 @@ class Store:
         except psycopg2.Error as exc:
             # Covers OperationalError (lost connection, statement_timeout),
             # InterfaceError and anything unexpected such as a dropped table.
-            # All of them leave nothing committed, and reconnecting is the
-            # one recovery that fits them all.
+            # All of them leave nothing committed, except a connection lost
+            # during COMMIT, whose outcome is unknown; reconnecting is the one
+            # recovery that fits them all, and the batch is written again.
+            # NOTE: if such a COMMIT did succeed, the rewrite skips its
+            # readings but stores its dead letters a second time.
+            problem = self._failure("batch write failed")
             self.close()
-            raise StoreUnavailable(self.target, "batch write failed", exc) from exc
+            raise StoreUnavailable(self.target, problem, exc) from exc
 
     def _write(
         self, conn: Connection, rows: list[ReadingRow], dead_letters: list[DeadLetter]

@@ -322,6 +322,45 @@ class PostgresServer:
             ]
         )
 
+    def pids(self) -> list[int]:
+        """Return the postmaster's process id, then those of its children."""
+        try:
+            postmaster = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        except (FileNotFoundError, IndexError, ValueError):
+            return []
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                # The command name in parentheses may contain spaces, so the
+                # parent pid is read after its closing parenthesis.
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue  # The process exited meanwhile.
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> None:
+        """Stop the postmaster and its backends without closing sockets (SIGSTOP).
+
+        The kernel keeps accepting connections and acknowledging TCP data
+        for them, so clients see a server that never answers.
+        """
+        # The postmaster first, so that it forks no backend while the
+        # others are stopped.
+        self._signal_all(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Resume the processes freeze() stopped (SIGCONT)."""
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # Exited since pids() listed it.
+
     def close(self) -> None:
         try:
             self.stop("immediate")

@@ -105,6 +105,107 @@ def publish_readings(
     )
 
 
+def publish_many(url: str, readings: list[dict[str, Any]], window: int = 500) -> None:
+    """Publish readings to JetStream with up to ``window`` PubAcks outstanding."""
+
+    async def send() -> None:
+        nc = await nats.connect(url, connect_timeout=2)
+        js = nc.jetstream(timeout=10.0)
+        try:
+            for start in range(0, len(readings), window):
+                chunk = readings[start : start + window]
+                await asyncio.gather(
+                    *(
+                        js.publish(
+                            subject_for(r["machine"]),
+                            encode(r),
+                            headers={"Nats-Msg-Id": r["id"]},
+                        )
+                        for r in chunk
+                    )
+                )
+        finally:
+            await nc.close()
+
+    asyncio.run(send())
+
+
+class FlowingPublisher:
+    """Publish readings on a background thread until stopped, like an edge agent.
+
+    Each reading is retried with its Nats-Msg-Id until the stream acknowledges
+    it, so a broker outage delays publishing but loses nothing, and
+    ``published`` lists exactly the readings the stream accepted.
+    """
+
+    def __init__(
+        self, url: str, machine: str = "m1", chunk: int = 10, pause: float = 0.05
+    ) -> None:
+        self.url = url
+        self.machine = machine
+        self.chunk = chunk
+        self.pause = pause
+        self.published: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="publisher")
+
+    def start(self) -> FlowingPublisher:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Stop after the reading in flight is acknowledged; return all published."""
+        self._stopping.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"publisher still running after {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.published
+
+    def wait_for_count(self, count: int, timeout: float = 30.0) -> None:
+        wait_for(lambda: len(self.published) >= count, timeout, f"{count} published")
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._publish())
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    async def _publish(self) -> None:
+        nc = await nats.connect(
+            self.url,
+            connect_timeout=1,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.1,
+        )
+        js = nc.jetstream(timeout=1.0)
+        start = 0
+        try:
+            while not self._stopping.is_set():
+                for reading in make_readings(self.chunk, self.machine, start):
+                    await self._publish_one(js, reading)
+                start += self.chunk
+                await asyncio.sleep(self.pause)
+        finally:
+            await nc.close()
+
+    async def _publish_one(self, js: Any, reading: dict[str, Any]) -> None:
+        headers = {"Nats-Msg-Id": reading["id"]}
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                await js.publish(
+                    subject_for(self.machine), encode(reading), headers=headers
+                )
+                self.published.append(reading)
+                return
+            except (nats.errors.Error, OSError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+
 def consumer_counts(
     url: str, stream: str = "CNC_READINGS", durable: str = "cnc-backend"
 ) -> tuple[int, int]:

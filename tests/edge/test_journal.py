@@ -253,3 +253,41 @@ def test_disk_full_on_real_small_filesystem(tmp_path: Path) -> None:
         assert all(orjson.loads(raw)["id"].startswith("r-") for raw in lines)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("policy", "appends", "expected"),
+    [("always", 3, 3), ("never", 3, 0), ("interval", 3, 0)],
+)
+def test_fsync_policy(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: str,
+    appends: int,
+    expected: int,
+) -> None:
+    journal = Journal(tmp_path, fsync=policy, fsync_interval=3600)
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    for n in range(appends):
+        journal.append([line(n)])
+    assert len(calls) == expected
+
+
+def test_fsync_interval_is_due_after_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path, fsync="interval", fsync_interval=0.05)
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    journal.append([line(1)])
+    assert calls == []
+    import time
+
+    time.sleep(0.06)
+    journal.maybe_sync()
+    assert len(calls) == 1
+    journal.maybe_sync()
+    assert len(calls) == 1, "nothing new to sync"
