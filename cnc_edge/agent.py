@@ -132,6 +132,8 @@ class EdgeAgent:
             if ready:
                 died = sentinels[ready[0]]
                 self.children[died].join(1)
+                # Its gauges must not be served while the others stop.
+                forget_process(self.children[died].pid, self.metrics_dir)
                 code = self.children[died].exitcode
                 log.error(
                     "child died: %s (exit code %s); stopping the agent", died, code
