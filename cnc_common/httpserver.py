@@ -38,7 +38,8 @@ class Response:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-#: A route gets the request headers and returns the whole response.
+#: A route gets the request headers, names in lower case, and returns the
+#: whole response.
 Route = Callable[[Mapping[str, str]], Response]
 
 
@@ -55,7 +56,7 @@ def metrics_route(registry: CollectorRegistry) -> Route:
     """Serve ``registry`` in the format the scraper requests in ``Accept``."""
 
     def route(headers: Mapping[str, str]) -> Response:
-        encoder, content_type = choose_encoder(headers.get("Accept", ""))
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
         return Response(HTTPStatus.OK, encoder(registry), content_type)
 
     return route
@@ -116,7 +117,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
         else:
             try:
-                response = route(self.headers)
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                response = route(headers)
             except Exception:
                 log.exception("endpoint failed: %s", path)
                 response = text_response(
@@ -160,8 +162,8 @@ class EndpointServer:
     def url(self) -> str:
         if self._server is None:
             raise RuntimeError("endpoint server is not started")
-        host, port = self._server.server_address[:2]
-        if ":" in str(host):
+        host, port = self._server.socket.getsockname()[:2]
+        if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{port}"
 
