@@ -306,7 +306,12 @@ class BufferMetrics:
 def _age_seconds(ts: str | None) -> float:
     if ts is None:
         return 0.0
-    age = time.time() - datetime.fromisoformat(ts).timestamp()
+    try:
+        stamp = datetime.fromisoformat(ts).timestamp()
+    except ValueError:
+        # A journal line with a malformed ts must not stop the buffer.
+        return float("nan")
+    age = time.time() - stamp
     # Clamp a reading stamped slightly ahead of this clock (a clock step).
     return max(age, 0.0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import time
 from pathlib import Path
@@ -187,6 +188,12 @@ def test_record_status_reports_oldest_age() -> None:
         "cnc_edge_oldest_buffered_reading_age_seconds", labels
     )
     assert age > 20 * 365 * 86400
+
+    buffer.record_status({**status, "oldest_buffered_ts": "yesterday"})
+    age = registry.get_sample_value(
+        "cnc_edge_oldest_buffered_reading_age_seconds", labels
+    )
+    assert math.isnan(age)
 
     buffer.record_status({**status, "oldest_buffered_ts": None})
     assert (
