@@ -11,11 +11,18 @@ from typing import Any
 import nats
 import psycopg2
 import pytest
+from nats.js.api import ConsumerInfo, StorageType, StreamConfig
 
 from cnc_backend.config import BackendConfig, check_consistency
 from cnc_backend.consumer import BackendService, State
 from cnc_common.config import load
-from cnc_common.reading import encode, make_reading, new_boot_id, subject_for
+from cnc_common.reading import (
+    SUBJECT_PREFIX,
+    encode,
+    make_reading,
+    new_boot_id,
+    subject_for,
+)
 
 #: Timeouts short enough for tests; ack_wait bounds how long a redelivery takes.
 FAST = {
@@ -204,6 +211,52 @@ class FlowingPublisher:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
+
+
+def create_stream(url: str, replicas: int = 1, timeout: float = 30.0) -> None:
+    """Create the readings stream as the backend would, retrying for ``timeout`` s.
+
+    A JetStream cluster rejects stream creation until it has elected its
+    meta leader, which takes a few seconds after the servers start.
+    """
+
+    async def create() -> None:
+        nc = await nats.connect(url, connect_timeout=2)
+        js = nc.jetstream(timeout=5.0)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    await js.add_stream(
+                        StreamConfig(
+                            name="CNC_READINGS",
+                            subjects=[f"{SUBJECT_PREFIX}.>"],
+                            storage=StorageType.FILE,
+                            num_replicas=replicas,
+                        )
+                    )
+                    return
+                except (nats.errors.Error, TimeoutError):
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+        finally:
+            await nc.close()
+
+    asyncio.run(create())
+
+
+def consumer_info(
+    url: str, stream: str = "CNC_READINGS", durable: str = "cnc-backend"
+) -> ConsumerInfo:
+    async def read() -> ConsumerInfo:
+        nc = await nats.connect(url, connect_timeout=2)
+        try:
+            return await nc.jetstream().consumer_info(stream, durable)
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
 
 
 def consumer_counts(
