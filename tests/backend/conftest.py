@@ -216,12 +216,14 @@ class FlowingPublisher:
 def create_stream(url: str, replicas: int = 1, timeout: float = 30.0) -> None:
     """Create the readings stream as the backend would, retrying for ``timeout`` s.
 
+    ``url`` may list several servers separated by commas.
+
     A JetStream cluster rejects stream creation until it has elected its
     meta leader, which takes a few seconds after the servers start.
     """
 
     async def create() -> None:
-        nc = await nats.connect(url, connect_timeout=2)
+        nc = await nats.connect(url.split(","), connect_timeout=2)
         js = nc.jetstream(timeout=5.0)
         deadline = time.monotonic() + timeout
         try:
