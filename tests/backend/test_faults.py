@@ -7,6 +7,7 @@ going, and ends with each published reading stored exactly once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import psycopg2
@@ -283,3 +284,45 @@ def test_frozen_nats_detected(nats_server, pg_dsn, run_service):
     wait_until_stored(pg_dsn, published)
     runner.stop()
     assert_stored_once(pg_dsn, published)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_stop_while_postgres_frozen(nats_server, private_postgres, run_service):
+    dsn = private_postgres.dsn
+    config = make_config(nats_server.url, dsn)
+    runner = run_service(config)
+    runner.wait_for_state(State.CONNECTED)
+    first = make_readings(10)
+    publish_readings(nats_server.url, first)
+    wait_until_stored(dsn, first)
+
+    private_postgres.freeze()
+    try:
+        second = make_readings(10, start=100)
+        publish_readings(nats_server.url, second)
+        counters = runner.service.counters
+        wait_for(lambda: counters.fetched > counters.inserted, 10, "a stalled write")
+        took = runner.stop()
+        # The drain gives up on the write, and the database thread is freed
+        # at once rather than when the server comes back.
+        wait_for(
+            lambda: (
+                not any(
+                    t.name.startswith("cnc-backend-db") for t in threading.enumerate()
+                )
+            ),
+            2,
+            "the database thread to end",
+        )
+    finally:
+        private_postgres.thaw()
+
+    assert took < config.service.drain_timeout + 1.0
+    assert runner.drained is False
+    assert sorted(stored_ids(dsn)) == sorted(r["id"] for r in first)
+    # Nothing of the stalled batch was acknowledged: a new run stores it.
+    second_runner = run_service(config)
+    wait_until_stored(dsn, first + second)
+    second_runner.stop()
+    assert_stored_once(dsn, first + second)
