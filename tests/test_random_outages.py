@@ -25,6 +25,7 @@ from tests.helpers import (
     start_program,
     stop_program,
     stored_ids,
+    stream_ids,
     wait_for,
     wait_for_state,
     write_backend_config,
@@ -48,6 +49,23 @@ def schedule(rng: random.Random) -> list[tuple[str, float, bool]]:
             seconds = rng.uniform(0.1, 3.0)
         plan.append((how, seconds, n % 3 == 2))
     return plan
+
+
+def diagnose(polled: list[str], pg_dsn: str, nats_url: str) -> str:
+    """Say where the missing readings were lost: before or after the stream."""
+    import psycopg2
+
+    missing = sorted(set(polled) - set(stored_ids(pg_dsn)))
+    in_stream = set(stream_ids(nats_url))
+    with psycopg2.connect(pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT reason, count(*) FROM dead_letters GROUP BY reason")
+        dead = cur.fetchall()
+    positions = [polled.index(rid) for rid in missing]
+    return (
+        f"{len(missing)} polled readings not stored, at poll positions "
+        f"{positions[:40]}; {len(set(missing) & in_stream)} of them are in the "
+        f"stream; dead letters: {dead}"
+    )
 
 
 def take_down(nats: NatsServer, how: str) -> None:
@@ -126,11 +144,7 @@ def test_random_outages_lose_nothing(tmp_path: Path, sim_pty, pg_dsn: str) -> No
                 interval=1.0,
             )
         except AssertionError:
-            missing = sorted(set(polled) - set(stored_ids(pg_dsn)))
-            seqs = [polled.index(rid) for rid in missing]
-            raise AssertionError(
-                f"{len(missing)} missing, at poll positions {seqs[:50]}"
-            ) from None
+            raise AssertionError(diagnose(polled, pg_dsn, nats.url)) from None
     finally:
         nats.thaw()
         stop_program(agent)
