@@ -668,8 +668,10 @@ class BackendService:
             await asyncio.wait({serve, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-        if serve.done():
-            # _serve returns only after a stop, so this is a bug: close and raise.
+        if serve.done() and not self._stop.is_set():
+            # _serve returns after a stop, possibly before this coroutine
+            # resumes, which is the normal drain below. Returning without a
+            # stop is a bug: close and raise.
             await self._close(CLOSE_RESERVE)
             serve.result()
         loop = asyncio.get_running_loop()

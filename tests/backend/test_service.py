@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
 
 import pytest
 
-from cnc_backend.consumer import State
+from cnc_backend.consumer import BackendService, State
 from cnc_common.embedded import NatsServer
 from cnc_common.reading import encode, subject_for
 from tests.backend.conftest import (
@@ -230,3 +231,28 @@ def test_stop_finishes_batch_in_hand(nats_server, pg_dsn, run_service):
     assert len(stored_ids(pg_dsn)) == counters.inserted
     _, ack_pending = consumer_counts(nats_server.url)
     assert ack_pending == 0
+
+
+@pytest.mark.timeout(30)
+def test_run_when_loop_ends_with_stop(tmp_path):
+    # The serving loop may see the stop and return before run() resumes from
+    # its wait; run() must then drain once, not close twice.
+    absent = NatsServer(tmp_path / "never-started")
+    config = make_config(absent.url, "postgresql://postgres@127.0.0.1:1/none")
+    service = None
+
+    async def main() -> bool:
+        nonlocal service
+        service = BackendService(config)
+
+        async def serve_until_stop() -> None:
+            await service._stop.wait()
+
+        service._serve = serve_until_stop
+        asyncio.get_running_loop().call_later(0.1, service.request_stop)
+        return await service.run()
+
+    drained = asyncio.run(main())
+
+    assert drained is True
+    assert service.state is State.STOPPED
