@@ -16,6 +16,7 @@ from nats.js.api import ConsumerInfo, StorageType, StreamConfig
 from cnc_backend.config import BackendConfig, check_consistency
 from cnc_backend.consumer import BackendService, State
 from cnc_common.config import load
+from cnc_common.embedded import PostgresServer
 from cnc_common.reading import (
     SUBJECT_PREFIX,
     encode,
@@ -357,6 +358,24 @@ class ServiceThread:
         if self.error is not None:
             raise self.error
         return time.monotonic() - started
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster owned by this test, in a new directory under /tmp.
+
+    This replaces the fixture of the same name in tests/conftest.py, whose
+    cluster lives under tmp_path. As root, the cluster runs as an
+    unprivileged account that must traverse every parent of its data
+    directory, and each pytest session that starts meanwhile, such as a
+    second run on the same machine, resets /tmp/pytest-of-<user> to mode
+    0700, so initdb or a restart there fails with "Permission denied".
+    """
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

@@ -232,7 +232,8 @@ def test_query_past_statement_timeout(nats_server, pg_dsn, run_service):
 def test_both_down_at_start(tmp_path, caplog, run_service):
     caplog.set_level(logging.INFO, logger="cnc_backend")
     nats_server = NatsServer(tmp_path / "nats")
-    postgres = PostgresServer(tmp_path / "pg")
+    # Not under tmp_path, for the reason given at private_postgres.
+    postgres = PostgresServer()
     config = make_config(nats_server.url, postgres.dsn)
     try:
         # Neither server runs yet: the service waits instead of exiting.
