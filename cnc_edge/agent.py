@@ -31,15 +31,19 @@ from cnc_edge.metrics import (
     prepare_multiprocess_dir,
 )
 from cnc_edge.poller import run_poller
+from cnc_edge.process import StopFlag
 from cnc_edge.publisher import run_publisher
 
 log = logging.getLogger(__name__)
 
-#: Seconds each child gets to stop before it is killed. The sum stays well
-#: below the stopwaitsecs of the example supervisord config.
+#: Seconds each child gets to stop before it is killed. The sum, plus
+#: KILL_WAIT for each child, stays below stopwaitsecs in
+#: config/supervisord.conf (a test checks it).
 POLLER_STOP_TIMEOUT = 10.0
 BUFFER_STOP_TIMEOUT = 20.0
 PUBLISHER_STOP_TIMEOUT = 10.0
+#: Seconds to wait for a child to exit after SIGKILL.
+KILL_WAIT = 5.0
 
 AGENT_FILE = "agent.json"
 
@@ -51,9 +55,9 @@ class EdgeAgent:
         self.readings = self.ctx.Queue()
         self.to_publisher = self.ctx.Queue()
         self.from_publisher = self.ctx.Queue()
-        self.poller_stop = self.ctx.Event()
-        self.buffer_stop = self.ctx.Event()
-        self.publisher_dead = self.ctx.Event()
+        self.poller_stop = StopFlag(self.ctx)
+        self.buffer_stop = StopFlag(self.ctx)
+        self.publisher_dead = StopFlag(self.ctx)
         self.children: dict[str, Any] = {}
         self._stop_requested = threading.Event()
         self.metrics_dir = config.data_dir / METRICS_DIR
@@ -165,7 +169,7 @@ class EdgeAgent:
         if process.is_alive():
             log.error("child did not stop: %s after %.0f s, killing it", name, timeout)
             process.kill()
-            process.join(5)
+            process.join(KILL_WAIT)
         if not process.is_alive():
             forget_process(process.pid, self.metrics_dir)
 

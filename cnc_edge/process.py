@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from typing import Any
 
 from cnc_common import logs
 from cnc_edge.config import EdgeConfig
@@ -27,3 +29,31 @@ def child_setup(config: EdgeConfig, role: str) -> None:
 def parent_alive(parent_pid: int) -> bool:
     """True while the process that spawned us is still our parent."""
     return os.getppid() == parent_pid
+
+
+class StopFlag:
+    """A flag the parent sets and child processes poll, with no lock inside.
+
+    multiprocessing.Event is built on a lock and a condition; a child killed
+    with SIGKILL while waiting on one leaves the lock held, and the parent's
+    ``set()`` then blocks for ever. A RawValue is plain shared memory.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self._value = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, waking within 50 ms of ``set()``."""
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(0.05, remaining))
+        return self.is_set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import subprocess
+import time
 from pathlib import Path
 
 import orjson
@@ -174,3 +175,44 @@ def test_publisher_kill_while_online_loses_nothing(
         nats.close()
     counts = collections.Counter(stored_ids(pg_dsn))
     assert [rid for rid, n in counts.items() if n > 1] == []
+
+
+@pytest.mark.parametrize("child", ["poller", "buffer", "publisher"])
+def test_agent_exits_promptly_when_any_child_is_killed(
+    tmp_path: Path, sim_pty, child: str
+) -> None:
+    """SIGKILL of any child ends the agent with status 1 within seconds.
+
+    A child killed while waiting on a lock-based multiprocessing primitive
+    used to leave the parent blocked for ever when it signalled the stop.
+    """
+    nats = NatsServer(tmp_path / "nats").start()
+    config = write_edge_config(
+        tmp_path / "edge", serial_url=sim_pty.url, nats_url=nats.url
+    )
+    data = tmp_path / "edge" / "data"
+    agent = start_program(
+        "cnc_edge.cli", ["run", "--config", str(config)], tmp_path / "e.log"
+    )
+    try:
+        wait_for_state(data, "ONLINE", timeout=60, agent=agent)
+        time.sleep(1.0)
+        children = orjson.loads((data / "agent.json").read_bytes())["children"]
+        subprocess.run(["kill", "-9", str(children[child])], check=True)
+        agent.wait(30)
+        assert agent.returncode == 1
+        for pid in children.values():
+            assert not Path(f"/proc/{pid}").exists() or _is_zombie(pid), (
+                "a child outlived the agent"
+            )
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        nats.close()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
