@@ -15,6 +15,8 @@ setup(
     install_requires=[
         "transitions>=0.9.2",
         "nats-py>=2.9",
+        # nats-py imports nkeys for NKey seeds and .creds (JWT) logins.
+        "nkeys>=0.2",
         "psycopg2-binary>=2.9.9",
         "pyserial>=3.5",
         "prometheus-client>=0.20",
@@ -29,6 +31,8 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
+            # The security tests generate their CA and certificates.
+            "cryptography>=42",
         ],
     },
     entry_points={

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from psycopg2.extensions import parse_dsn
@@ -21,11 +22,17 @@ from cnc_common.config import (
     nats_url,
     one_of,
     positive,
+    read_config_file,
+    read_secret_file,
 )
 from cnc_common.errors import ConfigError
+from cnc_common.natsconn import NatsSecurity, check_security
 from cnc_common.reading import MACHINE_ID_PATTERN, SUBJECT_PREFIX
 
 ENV_PREFIX = "CNC_BACKEND"
+
+#: libpq sslmode values, from the weakest to the strictest.
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
 def _max_deliver(value: int) -> str | None:
@@ -63,7 +70,9 @@ def _dsn(value: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class NatsConfig:
+class NatsConfig(NatsSecurity):
+    """The ``[nats]`` section, with the auth and TLS keys of NatsSecurity."""
+
     url: str = field(default="nats://127.0.0.1:4222", metadata={CHECK: nats_url})
     stream: str = field(default="CNC_READINGS", metadata={CHECK: _nats_name})
     subject_prefix: str = field(
@@ -80,15 +89,13 @@ class NatsConfig:
     connect_timeout: float = field(default=2.0, metadata={CHECK: positive})
     ping_interval: float = field(default=10.0, metadata={CHECK: positive})
     max_outstanding_pings: int = field(default=3, metadata={CHECK: positive})
-    user: str | None = field(default=None, metadata={SECRET: True})
-    password: str | None = field(default=None, metadata={SECRET: True})
-    token: str | None = field(default=None, metadata={SECRET: True})
 
 
 @dataclass(frozen=True)
 class PostgresConfig:
     dsn: str = field(
         default="postgresql://postgres@127.0.0.1:5432/test",
+        repr=False,
         metadata={SECRET: True, CHECK: _dsn},
     )
     # libpq takes whole seconds here, and treats values below 2 as 2.
@@ -97,6 +104,16 @@ class PostgresConfig:
     keepalives_idle: int = field(default=10, metadata={CHECK: positive})
     keepalives_interval: int = field(default=5, metadata={CHECK: positive})
     keepalives_count: int = field(default=3, metadata={CHECK: positive})
+    #: File whose content is the password. It overrides a password in the
+    #: DSN and the PGPASSWORD variable, which libpq also reads.
+    password_file: str | None = None
+    # The SSL keys below override the same parameters in the DSN when set.
+    sslmode: str | None = field(default=None, metadata={CHECK: one_of(*SSL_MODES)})
+    #: CA certificates for verify-ca and verify-full ("system": the OS store).
+    sslrootcert: str | None = None
+    #: Client certificate and key; libpq refuses a key readable by others.
+    sslcert: str | None = None
+    sslkey: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +150,8 @@ def load_config(path: str | Path) -> BackendConfig:
     source = str(path)
     config = load(BackendConfig, load_toml(path), source=source, env_prefix=ENV_PREFIX)
     check_consistency(config, source)
+    check_security(config.nats, config.nats.url, source)
+    check_postgres_files(config.postgres, source)
     return config
 
 
@@ -169,6 +188,48 @@ def config_warnings(config: BackendConfig) -> list[str]:
             "may be redelivered while it runs"
         )
     return warnings
+
+
+def check_postgres_files(config: PostgresConfig, source: str) -> None:
+    """Check the password and SSL files of ``[postgres]``; raise ConfigError."""
+    if config.password_file:
+        if "password" in parse_dsn(config.dsn):
+            raise ConfigError(
+                source,
+                "postgres.password_file",
+                "set either a password in postgres.dsn or postgres.password_file, "
+                "not both",
+            )
+        read_secret_file(config.password_file, "postgres.password_file", source)
+    if bool(config.sslcert) != bool(config.sslkey):
+        missing = "sslkey" if config.sslcert else "sslcert"
+        raise ConfigError(
+            source,
+            f"postgres.{missing}",
+            "missing: a client certificate needs both postgres.sslcert and "
+            "postgres.sslkey",
+        )
+    for key in ("sslrootcert", "sslcert", "sslkey"):
+        path = getattr(config, key)
+        if path and not (key == "sslrootcert" and path == "system"):
+            read_config_file(path, f"postgres.{key}", source)
+
+
+def postgres_connect_options(config: PostgresConfig) -> dict[str, Any]:
+    """Return the psycopg2.connect keyword arguments for the password file and SSL.
+
+    Keyword arguments override the same parameters in the DSN.
+    """
+    options: dict[str, Any] = {
+        key: getattr(config, key)
+        for key in ("sslmode", "sslrootcert", "sslcert", "sslkey")
+        if getattr(config, key)
+    }
+    if config.password_file:
+        options["password"] = read_secret_file(
+            config.password_file, "postgres.password_file", "config"
+        )
+    return options
 
 
 def describe_dsn(dsn: str) -> str:

@@ -49,6 +49,7 @@ from cnc_backend.store import (
 )
 from cnc_common.backoff import Backoff, RateLimitedCounter
 from cnc_common.errors import InvalidReading
+from cnc_common.natsconn import connect_options, describe_nats_error
 from cnc_common.reading import decode
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,8 @@ class JetStreamConsumer:
         await self._abandon(nc, attempt)
         if nc.last_error is None:
             raise NatsUnavailable(self.target, "connect timed out")
-        raise NatsUnavailable(self.target, "connect failed", nc.last_error)
+        problem = f"connect failed, {describe_nats_error(nc.last_error)}"
+        raise NatsUnavailable(self.target, problem, nc.last_error)
 
     async def _abandon(self, nc: Client, attempt: asyncio.Task[None]) -> None:
         # With max_reconnect_attempts=-1 nats-py retries the first connection
@@ -321,9 +323,7 @@ class JetStreamConsumer:
             "disconnected_cb": disconnected,
             "reconnected_cb": reconnected,
             "closed_cb": closed,
-            "user": cfg.user,
-            "password": cfg.password,
-            "token": cfg.token,
+            **connect_options(cfg, cfg.url),
         }
 
     def _next_server(

@@ -25,7 +25,11 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import execute_values
 
-from cnc_backend.config import PostgresConfig, describe_dsn
+from cnc_backend.config import (
+    PostgresConfig,
+    describe_dsn,
+    postgres_connect_options,
+)
 from cnc_backend.errors import StoreUnavailable
 from cnc_backend.schema import DEAD_LETTER_RAW_LIMIT, migrate
 
@@ -228,6 +232,7 @@ def open_connection(config: PostgresConfig) -> Connection:
             application_name="cnc-backend",
             connection_factory=_WatchedConnection,
             cursor_factory=_WatchedCursor,
+            **postgres_connect_options(config),
         )
     except psycopg2.Error as exc:
         raise StoreUnavailable(describe_dsn(config.dsn), "connect failed", exc) from exc

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import tomllib
 import types
 import typing
@@ -48,6 +49,40 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(source, "file", "permission denied") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "file", f"not valid TOML: {exc}") from None
+
+
+def read_config_file(path: str, key: str, source: str) -> bytes:
+    """Read a configured file; raise ConfigError naming the key and the path."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(source, key, "expected a regular file", path)
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise ConfigError(source, key, "file not found", path) from None
+    except PermissionError:
+        reason = "permission denied (make it readable by this program's user)"
+        raise ConfigError(source, key, reason, path) from None
+    except IsADirectoryError:
+        raise ConfigError(source, key, "expected a regular file", path) from None
+    except OSError as exc:
+        raise ConfigError(source, key, f"cannot read ({exc.strerror})", path) from None
+
+
+def read_secret_file(path: str, key: str, source: str) -> str:
+    """Read a password or token file: one line, one trailing newline removed."""
+    raw = read_config_file(path, key, source)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(source, key, "expected UTF-8 text", path) from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ConfigError(source, key, "file is empty", path)
+    if "\n" in secret:
+        raise ConfigError(source, key, "expected one line", path)
+    return secret
 
 
 def load(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnc_common import config as cfg
+from cnc_common.natsconn import NatsSecurity, check_security
 from cnc_common.reading import MACHINE_ID_PATTERN, SUBJECT_PREFIX
 
 #: Commands polled when the config names none: identity, mode, counters,
@@ -93,7 +94,9 @@ class PollSection:
 
 
 @dataclass(frozen=True)
-class NatsSection:
+class NatsSection(NatsSecurity):
+    """The ``[nats]`` section, with the auth and TLS keys of NatsSecurity."""
+
     url: str = field(
         default="nats://127.0.0.1:4222", metadata={cfg.CHECK: cfg.nats_url}
     )
@@ -117,9 +120,6 @@ class NatsSection:
     reconnect_backoff_cap: float = field(
         default=5.0, metadata={cfg.CHECK: cfg.positive}
     )
-    user: str | None = None
-    password: str | None = field(default=None, metadata={cfg.SECRET: True})
-    token: str | None = field(default=None, metadata={cfg.SECRET: True})
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,8 @@ class EdgeConfig:
 def load_config(path: str | Path, environ: dict[str, str] | None = None) -> EdgeConfig:
     """Load and check an edge config file; raise ConfigError naming the key."""
     data = cfg.load_toml(path)
-    return cfg.load(
+    config = cfg.load(
         EdgeConfig, data, source=str(path), env_prefix="CNC_EDGE", environ=environ
     )
+    check_security(config.nats, config.nats.url, str(path))
+    return config

@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from cnc_common.backoff import Backoff, RateLimitedCounter
+from cnc_common.natsconn import connect_options, describe_nats_error, is_rejection
 from cnc_edge.config import EdgeConfig
 from cnc_edge.crashpoints import crash_point
 from cnc_edge.metrics import PublisherMetrics
@@ -80,7 +81,19 @@ class Publisher:
         self._link_changed.set()
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("nats client error: %r", exc)
+        # nats-py retries a failed first connection by itself and reports each
+        # failure only here, so a rejected login has to be logged from here.
+        if not is_rejection(exc):
+            log.debug("nats client error: %r", exc)
+            return
+        suppressed = self._connect_failures.hit()
+        if suppressed is not None:
+            log.warning(
+                "connect failed: %s (%s; %d more failures not logged)",
+                self.nats_cfg.url,
+                describe_nats_error(exc),
+                suppressed,
+            )
 
     def _server_name(self) -> str:
         if self.nc is not None and self.nc.connected_url is not None:
@@ -111,9 +124,7 @@ class Publisher:
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,
-                    user=self.nats_cfg.user,
-                    password=self.nats_cfg.password,
-                    token=self.nats_cfg.token,
+                    **connect_options(self.nats_cfg, self.nats_cfg.url),
                 )
             except Exception as exc:  # noqa: BLE001 - any failure means retry
                 suppressed = self._connect_failures.hit()
