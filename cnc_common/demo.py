@@ -13,6 +13,7 @@ the exit status is 1 when anything is missing or duplicated.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import shutil
@@ -21,15 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import nats
 import orjson
 import psycopg2
 
-from cnc_common.embedded import NatsServer, PostgresServer
-
-MACHINE_ID = "demo-vf2"
+from cnc_common.embedded import NatsServer, PostgresServer, die_with_parent
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,6 +89,15 @@ class Demo:
         self.outages = 0
         self.interrupted = False
         self.audit = self.workdir / "polled-ids.txt"
+        # Names of this run, so that a demo pointed at a shared broker or
+        # database neither takes other consumers' readings nor counts rows
+        # of earlier runs.
+        self.run_id = uuid.uuid4().hex[:8]
+        self.machine = f"demo-vf2-{self.run_id}"
+        self.stream = f"CNC_DEMO_{self.run_id.upper()}"
+        self.subject_prefix = f"cncdemo.{self.run_id}"
+        self.failed = False
+        self.last_sync_at: float | None = None
         self.data_dir = self.workdir / "edge-data"
 
     # Output --------------------------------------------------------------
@@ -101,7 +111,7 @@ class Demo:
         if self.args.nats_url:
             nats_url = self.args.nats_url
         else:
-            self.nats = NatsServer(self.workdir / "nats").start()
+            self.nats = NatsServer(self.workdir / "nats", die_with_parent=True).start()
             nats_url = self.nats.url
             self.say(
                 f"nats-server started: {nats_url} (JetStream store in {self.nats.store_dir})"
@@ -125,6 +135,7 @@ class Demo:
             stdin=subprocess.DEVNULL,
             stderr=stderr,
             start_new_session=True,
+            preexec_fn=die_with_parent,
             **kwargs,
         )
         stderr.close()
@@ -163,7 +174,7 @@ class Demo:
         edge = self.workdir / "edge.toml"
         edge.write_text(
             f"""[machine]
-id = "{MACHINE_ID}"
+id = "{self.machine}"
 
 [serial]
 url = "{serial_url}"
@@ -175,6 +186,8 @@ audit_file = "{self.audit}"
 
 [nats]
 url = "{nats_url}"
+stream = "{self.stream}"
+subject_prefix = "{self.subject_prefix}"
 ack_timeout = 2.0
 ping_interval = 2.0
 
@@ -189,7 +202,12 @@ listen = "127.0.0.1:0"
         backend.write_text(
             f"""[nats]
 url = "{nats_url}"
-ack_wait = 10.0
+stream = "{self.stream}"
+subject_prefix = "{self.subject_prefix}"
+durable = "cnc-demo-{self.run_id}"
+
+[service]
+reconnect_cap = 1.0
 
 [postgres]
 
@@ -203,11 +221,14 @@ listen = "127.0.0.1:0"
 
     # Watching --------------------------------------------------------------
 
-    def edge_state(self) -> str:
+    def edge_status(self) -> dict[str, Any]:
         try:
-            return orjson.loads((self.data_dir / "state.json").read_bytes())["state"]
-        except (OSError, ValueError, KeyError):
-            return "STARTING"
+            return orjson.loads((self.data_dir / "state.json").read_bytes())
+        except (OSError, ValueError):
+            return {}
+
+    def edge_state(self) -> str:
+        return self.edge_status().get("state", "STARTING")
 
     def polled(self) -> list[str]:
         try:
@@ -221,7 +242,7 @@ listen = "127.0.0.1:0"
                 with conn.cursor() as cur:
                     cur.execute(
                         "SELECT count(*) FROM readings WHERE machine_id = %s",
-                        (MACHINE_ID,),
+                        (self.machine,),
                     )
                     return int(cur.fetchone()[0])
         except psycopg2.Error:
@@ -231,7 +252,8 @@ listen = "127.0.0.1:0"
         for name, process in self.procs.items():
             if process.poll() is not None:
                 raise RuntimeError(
-                    f"{name} exited with status {process.returncode}; see {self.workdir}/logs/{name}.log"
+                    f"{name} exited with status {process.returncode}; last lines of "
+                    f"{self.workdir}/logs/{name}.log:\n{self.log_tail(name)}"
                 )
 
     def watch(self, pg_dsn: str) -> None:
@@ -271,6 +293,14 @@ listen = "127.0.0.1:0"
                 self.nats.start()
                 outage_at = None
                 self.say("outage over: nats-server started again with its store")
+            last_sync = self.edge_status().get("last_sync")
+            if last_sync and last_sync["at"] != self.last_sync_at:
+                self.last_sync_at = last_sync["at"]
+                if last_sync["readings"]:
+                    self.say(
+                        f"edge synced: {last_sync['readings']} journaled readings "
+                        f"replayed in {last_sync['seconds']} s, then ONLINE"
+                    )
             state = self.edge_state()
             if state != last_state or elapsed - last_report >= 5:
                 stored = self.stored_count(pg_dsn)
@@ -322,7 +352,7 @@ listen = "127.0.0.1:0"
         with contextlib.closing(psycopg2.connect(pg_dsn, connect_timeout=5)) as conn:
             with conn.cursor() as cur:
                 cur.execute(
-                    "SELECT id FROM readings WHERE machine_id = %s", (MACHINE_ID,)
+                    "SELECT id FROM readings WHERE machine_id = %s", (self.machine,)
                 )
                 stored_ids = [row[0] for row in cur.fetchall()]
         stored = set(stored_ids)
@@ -339,10 +369,39 @@ listen = "127.0.0.1:0"
             self._stop(name, 10)
         if self.nats is not None:
             self.nats.close()
+        elif self.args.nats_url:
+            self._delete_stream(self.args.nats_url)
         if self.postgres is not None:
             self.postgres.close()
-        if not self.keep:
+        if self.failed:
+            print(f"cnc-demo: kept {self.workdir} for inspection", file=sys.stderr)
+        elif not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _delete_stream(self, nats_url: str) -> None:
+        """Remove this run's stream from a broker that is not the demo's own."""
+
+        async def delete() -> None:
+            nc = await nats.connect(
+                nats_url, connect_timeout=5, max_reconnect_attempts=1
+            )
+            try:
+                await nc.jetstream().delete_stream(self.stream)
+            finally:
+                await nc.close()
+
+        try:
+            asyncio.run(delete())
+        except Exception as exc:  # noqa: BLE001 - cleanup reports and goes on
+            print(f"cnc-demo: stream {self.stream} not deleted: {exc}", file=sys.stderr)
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.workdir / "logs" / f"{name}.log"
+        try:
+            text = path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text[-lines:])
 
     def run(self) -> int:
         self.say(f"work directory: {self.workdir} (logs in {self.workdir / 'logs'})")
@@ -387,11 +446,19 @@ listen = "127.0.0.1:0"
             orjson.dumps(result).decode().replace(",", ", ").replace(":", ": "),
             flush=True,
         )
-        return 1 if result["missing"] or result["duplicates"] else 0
+        self.failed = bool(result["missing"] or result["duplicates"])
+        return 1 if self.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("seconds", "outage_seconds", "interval"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(
+                f"--{name.replace('_', '-')} must be greater than 0, got {value}"
+            )
     demo = Demo(args)
 
     def interrupt(signum: int, frame: Any) -> None:
@@ -402,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return demo.run()
     except Exception as exc:  # noqa: BLE001 - report and clean up
+        demo.failed = True
         print(f"cnc-demo: failed: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -8,6 +8,7 @@ Binaries already on PATH are used when those packages are missing.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import pwd
@@ -26,6 +27,20 @@ log = logging.getLogger(__name__)
 
 class EmbeddedServerError(RuntimeError):
     """An embedded server binary is missing or did not start."""
+
+
+def die_with_parent() -> None:
+    """In a child just forked by subprocess: receive SIGTERM when the parent dies.
+
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere it does nothing. Used as
+    ``preexec_fn`` so that servers and programs started by cnc-demo do not
+    outlive a demo killed with SIGKILL.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -79,6 +94,7 @@ class NatsServer:
         host: str = "127.0.0.1",
         extra_args: list[str] | None = None,
         log_file: str | Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self._tmp = None
         if store_dir is None:
@@ -89,6 +105,7 @@ class NatsServer:
         self.port = port or free_port(host)
         self.extra_args = extra_args or []
         self.log_file = Path(log_file) if log_file else self.store_dir / "nats.log"
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -115,7 +132,10 @@ class NatsServer:
         # A session of its own: Ctrl-C in a terminal must not kill the broker
         # before the programs using it have stopped in order.
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, start_new_session=True
+            args,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent if self.die_with_parent else None,
         )
         try:
             wait_for_port(self.host, self.port, timeout)
@@ -210,16 +230,19 @@ class PostgresServer:
         port: int | None = None,
         host: str = "127.0.0.1",
     ) -> None:
-        self._tmp = None
+        self._tmp: str | None = None
         if data_dir is None:
             self._tmp = tempfile.mkdtemp(prefix="cnc-pg-")
+            os.chmod(self._tmp, 0o711)
             data_dir = self._tmp
+        self._user = self._run_as_user()
         self.base_dir = Path(data_dir)
+        if self._user is not None:
+            self.base_dir = self._reachable_base_dir(self.base_dir)
         self.pgdata = self.base_dir / "pgdata"
         self.host = host
         self.port = port or free_port(host)
         self.bindir = find_postgres_bindir()
-        self._user = self._run_as_user()
 
     @property
     def dsn(self) -> str:
@@ -259,14 +282,32 @@ class PostgresServer:
         if self._user is None:
             return
         entry = pwd.getpwnam(self._user)
-        # The unprivileged account must be able to reach the directory.
-        path = self.base_dir
-        while path != path.parent:
-            mode = path.stat().st_mode
-            if not mode & 0o001:
-                path.chmod(mode | 0o711)
-            path = path.parent
         os.chown(self.base_dir, entry.pw_uid, entry.pw_gid)
+
+    def _reachable_base_dir(self, wanted: Path) -> Path:
+        """Where the cluster can live when it runs as another account.
+
+        That account must be able to enter every directory above the data
+        directory. Rather than open up the caller's directories, a cluster
+        whose place is not reachable goes to a new directory under the
+        system's temporary directory, which is removed on close.
+        """
+        # The data directory itself is handed to the account; its parents are not.
+        for parent in wanted.resolve().parents:
+            if parent.exists() and not parent.stat().st_mode & 0o001:
+                break
+        else:
+            return wanted
+        relocated = Path(tempfile.mkdtemp(prefix="cnc-pg-"))
+        relocated.chmod(0o711)
+        self._tmp = str(relocated)
+        log.info(
+            "postgres data placed in %s (%s is not reachable by %s)",
+            relocated,
+            wanted,
+            self._user,
+        )
+        return relocated
 
     def start(self, timeout: float = 60.0) -> PostgresServer:
         self._prepare_dirs()
