@@ -62,8 +62,8 @@ class NatsSecurity:
     password_file: str | None = None
     token: str | None = field(default=None, repr=False, metadata={SECRET: True})
     token_file: str | None = None
-    #: File holding an NKey user seed; only the public key is sent, and the
-    #: seed signs the server's nonce.
+    #: File containing an NKey user seed. The client sends only the public key
+    #: and a signature of the server's nonce.
     nkey_seed_file: str | None = None
     #: ``.creds`` file: user JWT plus NKey seed, as written by ``nsc``.
     creds_file: str | None = None
@@ -84,7 +84,14 @@ class NatsSecurity:
 
 
 def uses_tls(section: NatsSecurity, url: str) -> bool:
-    """Return whether the client is configured to encrypt the connection."""
+    """Return whether the client is configured to encrypt the connection.
+
+    NOTE: nats-py 2.16 upgrades to TLS only when the server's INFO asks for
+    it, so a man in the middle that answers in plaintext receives a password
+    or token in the clear. ``tls_handshake_first`` starts TLS before any
+    protocol byte and closes that gap. NKey and .creds logins send only a
+    signature of the server's nonce.
+    """
     schemes = {urlsplit(part.strip()).scheme for part in url.split(",")}
     return bool(
         "tls" in schemes
@@ -220,7 +227,7 @@ def _check_seed_file(path: str, source: str) -> None:
 def _check_creds_file(path: str, source: str) -> None:
     text = read_config_file(path, "nats.creds_file", source).decode("utf-8", "replace")
     lines = [line.strip() for line in text.splitlines()]
-    # nats-py 2.x searches the file for the JWT line without stopping at the
+    # nats-py 2.16 searches the file for the JWT line without stopping at the
     # end of the file, so a file without it would hang the connect forever.
     jwt = _line_after(lines, _CREDS_JWT_MARKER)
     seed = _line_after(lines, _CREDS_SEED_MARKER)
@@ -278,8 +285,8 @@ def connect_options(section: NatsSecurity, url: str) -> dict[str, Any]:
     """Return the ``nats.connect`` keyword arguments for auth, TLS and inbox.
 
     The config must have passed ``check_security``. Password and token files
-    are read here, once per call; the seed and ``.creds`` files are passed
-    as paths, which nats-py reads again each time it signs a server nonce.
+    are read here, once per call. The seed and ``.creds`` files are passed as
+    paths, and nats-py reads them again each time it signs a server nonce.
     """
     options: dict[str, Any] = {"inbox_prefix": section.inbox_prefix}
     if section.user is not None:
@@ -318,7 +325,7 @@ def describe_nats_error(exc: BaseException) -> str:
 
     nats-py reports a rejected login as ``Error("nats: 'Authorization
     Violation'")`` during the first connection and as AuthorizationError
-    afterwards; the server never echoes credentials in either.
+    afterwards. nats-server 2.15 sends no credentials back in either.
     """
     import nats.errors
 

@@ -206,27 +206,35 @@ def encode_jwt(issuer: NKey, subject: str, name: str, nats: dict[str, Any]) -> s
 
 @dataclass(frozen=True)
 class Decentralized:
-    """An operator, one account with JetStream, and a user of that account."""
+    """An operator and one account with JetStream, whose users log in with .creds."""
 
     operator_jwt: str
-    account_public: str
+    account: NKey
     account_jwt: str
     #: nats-server needs a system account before JetStream starts in operator mode.
     system_public: str
     system_jwt: str
-    user: NKey
-    user_jwt: str
 
-    def creds(self) -> str:
-        """Return the user's ``.creds`` file text in the layout nsc writes."""
+    def creds(
+        self, user: NKey | None = None, permissions: dict[str, Any] | None = None
+    ) -> str:
+        """Return a user's ``.creds`` file text in the layout nsc writes.
+
+        ``permissions`` are user JWT claims such as ``{"pub": {"allow": [...]}}``.
+        """
+        user = user or new_nkey()
+        claims = {"type": "user", "subs": -1, "data": -1, "payload": -1}
+        jwt = encode_jwt(
+            self.account, user.public, "cnc-user", {**claims, **(permissions or {})}
+        )
         return (
             "-----BEGIN NATS USER JWT-----\n"
-            f"{self.user_jwt}\n"
+            f"{jwt}\n"
             "------END NATS USER JWT------\n\n"
             "************************* IMPORTANT *************************\n"
             "NKEY Seed printed below can be used to sign and prove identity.\n\n"
             "-----BEGIN USER NKEY SEED-----\n"
-            f"{self.user.seed}\n"
+            f"{user.seed}\n"
             "------END USER NKEY SEED------\n"
         )
 
@@ -236,17 +244,17 @@ class Decentralized:
             f"system_account: {self.system_public}\n"
             "resolver: MEMORY\n"
             "resolver_preload: {\n"
-            f'  {self.account_public}: "{self.account_jwt}"\n'
+            f'  {self.account.public}: "{self.account_jwt}"\n'
             f'  {self.system_public}: "{self.system_jwt}"\n'
             "}\n"
         )
 
 
-def make_decentralized(user_permissions: dict[str, Any] | None = None) -> Decentralized:
+def make_decentralized() -> Decentralized:
+    """Return a fresh operator, a JetStream account and a system account."""
     operator = new_nkey(nkeys.PREFIX_BYTE_OPERATOR)
     account = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
     system = new_nkey(nkeys.PREFIX_BYTE_ACCOUNT)
-    user = new_nkey(nkeys.PREFIX_BYTE_USER)
     operator_jwt = encode_jwt(
         operator, operator.public, "cnc-test-operator", {"type": "operator"}
     )
@@ -268,24 +276,8 @@ def make_decentralized(user_permissions: dict[str, Any] | None = None) -> Decent
     account_jwt = encode_jwt(
         operator, account.public, "CNC", {"type": "account", "limits": unlimited}
     )
-    user_claims: dict[str, Any] = {
-        "type": "user",
-        "subs": -1,
-        "data": -1,
-        "payload": -1,
-        **(user_permissions or {}),
-    }
-    user_jwt = encode_jwt(account, user.public, "cnc-edge", user_claims)
     system_jwt = encode_jwt(operator, system.public, "SYS", {"type": "account"})
-    return Decentralized(
-        operator_jwt,
-        account.public,
-        account_jwt,
-        system.public,
-        system_jwt,
-        user,
-        user_jwt,
-    )
+    return Decentralized(operator_jwt, account, account_jwt, system.public, system_jwt)
 
 
 # Servers --------------------------------------------------------------
