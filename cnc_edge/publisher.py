@@ -33,6 +33,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from cnc_common.backoff import Backoff, RateLimitedCounter
 from cnc_common.natsconn import connect_options, describe_nats_error, is_rejection
+from cnc_common.natsconn import connect_options, describe_nats_error, is_rejection
 from cnc_edge.config import EdgeConfig
 from cnc_edge.crashpoints import crash_point
 from cnc_edge.metrics import PublisherMetrics
@@ -89,7 +90,7 @@ class Publisher:
         suppressed = self._connect_failures.hit()
         if suppressed is not None:
             log.warning(
-                "connect failed: %s (%s; %d more failures not logged)",
+                "rejected by nats: %s (%s; %d more not logged)",
                 self.nats_cfg.url,
                 describe_nats_error(exc),
                 suppressed,
