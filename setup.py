@@ -33,7 +33,14 @@ setup(
             "hypothesis>=6.100",
             # The security tests generate their CA and certificates.
             "cryptography>=42",
+            # The supervisord integration test runs the real supervisord.
+            "supervisor>=4.2",
+            # The diagram tests check the SVG diagrams against their dot source.
+            "graphviz>=0.20",
         ],
+        # SVG state diagrams (cnc-diagrams, /fsm); they also need the dot
+        # program (Debian package graphviz). Without them Mermaid is served.
+        "diagrams": ["graphviz>=0.20"],
     },
     entry_points={
         "console_scripts": [
@@ -41,6 +48,7 @@ setup(
             "cnc-edge=cnc_edge.cli:main",
             "cnc-backend=cnc_backend.cli:main",
             "cnc-demo=cnc_common.demo:main",
+            "cnc-diagrams=cnc_common.diagrams_cli:main",
         ],
     },
 )

@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
 from typing import Any, TypeVar
 
 import nats
@@ -34,10 +33,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.client import JetStreamContext
-from transitions import EventData, Machine
+from transitions import EventData
 
 from cnc_backend.config import BackendConfig, NatsConfig, describe_nats_url
 from cnc_backend.errors import BackendError, NatsUnavailable, StoreUnavailable
+from cnc_backend.fsm import State, build_machine
 from cnc_backend.metrics import BackendMetrics
 from cnc_backend.store import (
     REJECTED_BY_DATABASE,
@@ -81,34 +81,6 @@ def _warn_repeated(counter: RateLimitedCounter, msg: str, *args: Any) -> None:
         log.warning(msg + " [%d more since the last such line]", *args, suppressed)
     elif suppressed == 0:
         log.warning(msg, *args)
-
-
-class State(Enum):
-    STARTING = "starting"
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-
-
-_TRANSITIONS = [
-    {
-        "trigger": "connection_ready",
-        "source": [State.STARTING, State.RECONNECTING],
-        "dest": State.CONNECTED,
-    },
-    {
-        "trigger": "connection_lost",
-        "source": [State.STARTING, State.CONNECTED, State.RECONNECTING],
-        "dest": State.RECONNECTING,
-    },
-    {
-        "trigger": "stop_requested",
-        "source": [State.STARTING, State.CONNECTED, State.RECONNECTING],
-        "dest": State.DRAINING,
-    },
-    {"trigger": "drain_finished", "source": State.DRAINING, "dest": State.STOPPED},
-]
 
 
 @dataclass
@@ -593,14 +565,8 @@ class BackendService:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._retries = RateLimitedCounter(interval=60.0)
-        self._machine = Machine(
-            model=self,
-            states=State,
-            transitions=_TRANSITIONS,
-            initial=State.STARTING,
-            auto_transitions=False,
-            send_event=True,
-            after_state_change="_log_state_change",
+        self._machine = build_machine(
+            self, send_event=True, after_state_change="_log_state_change"
         )
 
     # State machine hooks and callbacks.

@@ -6,6 +6,8 @@
   last failure otherwise.
 - ``/status``: JSON with the state, since when, the totals, the last batch
   and the consumer's pending counts.
+- ``/fsm``: the state machine with the current state highlighted, as SVG
+  where Graphviz is installed and as Mermaid text otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+from cnc_backend.fsm import DIAGRAM
+from cnc_common.diagrams import LiveDiagram
 from cnc_common.httpserver import (
     EndpointServer,
     Response,
@@ -44,7 +48,11 @@ class BackendEndpoints:
             "/healthz": health_route,
             "/readyz": self._readyz,
             "/status": self._status,
+            "/fsm": LiveDiagram(DIAGRAM, DIAGRAM.title, self._current_state).route,
         }
+
+    def _current_state(self) -> str:
+        return self.service.state.name
 
     def _readyz(self, headers: Mapping[str, str]) -> Response:
         state = self.service.state.name

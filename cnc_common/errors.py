@@ -40,3 +40,16 @@ class InvalidReading(CncError, ValueError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"invalid reading ({reason}): {detail}")
+
+
+class DiagramUnavailable(CncError, RuntimeError):
+    """A state diagram cannot be drawn in the requested format.
+
+    ``reason`` says what is missing or failed, such as the Graphviz ``dot``
+    program; Mermaid output needs nothing beyond transitions and is the
+    fallback.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"diagram unavailable: {reason}")

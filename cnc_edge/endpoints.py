@@ -6,6 +6,8 @@
   succeeded and that cycle ended recently; 503 with the reason otherwise.
 - ``/status``: JSON with the buffer's ``state.json`` (state, since, counters,
   last sync, journal size), the last poll and the process ids.
+- ``/fsm``: the state machine with the state from ``state.json`` highlighted,
+  as SVG where Graphviz is installed and as Mermaid text otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry
 
+from cnc_common.diagrams import LiveDiagram
 from cnc_common.httpserver import (
     Response,
     Route,
@@ -29,6 +32,7 @@ from cnc_common.httpserver import (
 )
 from cnc_edge.buffer import STATE_FILE
 from cnc_edge.config import EdgeConfig
+from cnc_edge.fsm import DIAGRAM
 
 
 def max_poll_age(config: EdgeConfig) -> float:
@@ -63,7 +67,16 @@ class AgentEndpoints:
             "/healthz": health_route,
             "/readyz": self._readyz,
             "/status": self._status,
+            "/fsm": LiveDiagram(DIAGRAM, self._fsm_label(), self._current_state).route,
         }
+
+    def _fsm_label(self) -> str:
+        return f"{DIAGRAM.title} {self.config.machine.id}"
+
+    def _current_state(self) -> str | None:
+        # The buffer process owns the state machine and writes state.json on
+        # every change, so the parent reads the state from there.
+        return _read_state_file(self.config.data_dir / STATE_FILE).get("state")
 
     def _sample(self, name: str) -> float | None:
         return self.registry.get_sample_value(name, {"machine": self.config.machine.id})

@@ -16,6 +16,8 @@ from typing import Any
 
 from transitions import Machine
 
+from cnc_common.diagrams import MachineDefinition
+
 
 class EdgeState(enum.Enum):
     OFFLINE = "OFFLINE"
@@ -57,3 +59,7 @@ def build_machine(
         name="edge",
         **kwargs,
     )
+
+
+#: What ``cnc-diagrams`` draws into ``fsm_diagrams/edge.*`` and ``/fsm`` serves.
+DIAGRAM = MachineDefinition("edge", "cnc-edge agent", build_machine)
