@@ -62,6 +62,9 @@ class Publisher:
         self._link_changed = asyncio.Event()
         self._stopping = False
         self._connect_failures = RateLimitedCounter(interval=30.0)
+        # Refused and timed-out attempts are counted apart, so that they never
+        # suppress the WARNING for a rejected login.
+        self._unreachable = RateLimitedCounter(interval=30.0)
         self._work: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
 
     # Link state ---------------------------------------------------------
@@ -86,6 +89,16 @@ class Publisher:
         # failure only here, so a rejected login has to be logged from here.
         if not is_rejection(exc):
             log.debug("nats client error: %r", exc)
+            if self.nc is None or not self.nc.is_connected:
+                # A refused or timed-out attempt, which is not logged elsewhere.
+                suppressed = self._unreachable.hit()
+                if suppressed is not None:
+                    log.warning(
+                        "connect failed: %s (%s; %d more failures not logged)",
+                        self.nats_cfg.url,
+                        describe_nats_error(exc),
+                        suppressed,
+                    )
             return
         suppressed = self._connect_failures.hit()
         if suppressed is not None:
