@@ -65,3 +65,12 @@ class RateLimitedCounter:
             return suppressed
         self._suppressed += 1
         return None
+
+
+def not_logged(suppressed: int) -> str:
+    """Suffix for a rate-limited log line: how many similar events were skipped."""
+    return (
+        f"; {suppressed} similar events since the last line not logged"
+        if suppressed
+        else ""
+    )

@@ -21,6 +21,7 @@ import stat
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +48,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         ) from None
     except PermissionError:
         raise ConfigError(source, "file", "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(source, "file", "is a directory; pass the config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "file", f"not valid TOML: {exc}") from None
 
@@ -269,8 +272,15 @@ def host_port(value: str) -> str | None:
 
 
 def nats_url(value: str) -> str | None:
+    expected = "expected a URL such as nats://127.0.0.1:4222 (comma-separated for a cluster)"
     for url in value.split(","):
-        url = url.strip()
-        if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
-            return "expected a URL such as nats://127.0.0.1:4222 (comma-separated for a cluster)"
+        parsed = urllib.parse.urlsplit(url.strip())
+        if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
+            return expected
+        try:
+            port = parsed.port
+        except ValueError:
+            return f"{expected}; the port must be from 1 to 65535"
+        if port == 0:
+            return f"{expected}; the port must be from 1 to 65535"
     return None

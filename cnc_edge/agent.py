@@ -9,6 +9,7 @@ non-zero for supervisord to restart the agent.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ import signal
 import threading
 import time
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,6 +26,7 @@ from cnc_common.httpserver import EndpointServer
 from cnc_edge.buffer import STATE_FILE, run_buffer
 from cnc_edge.config import EdgeConfig
 from cnc_edge.endpoints import AgentEndpoints
+from cnc_edge.errors import EdgeError
 from cnc_edge.metrics import (
     METRICS_DIR,
     aggregate_registry,
@@ -46,6 +49,7 @@ PUBLISHER_STOP_TIMEOUT = 10.0
 KILL_WAIT = 5.0
 
 AGENT_FILE = "agent.json"
+LOCK_FILE = "agent.lock"
 
 
 class EdgeAgent:
@@ -212,8 +216,44 @@ class EdgeAgent:
         }
 
 
+class DataDirError(EdgeError):
+    """The data directory cannot be used: not creatable, or in use by another agent."""
+
+
+def claim_data_dir(data_dir: Path) -> int:
+    """Create the data directory and lock it for this agent; return the lock's fd.
+
+    Two agents on one directory would rotate and delete each other's
+    journal files. The lock is released by the kernel when this process
+    exits, however it exits.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(
+            data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600
+        )
+    except OSError as exc:
+        raise DataDirError(
+            f"journal.data_dir {data_dir} cannot be used ({exc.strerror}); "
+            "point it at a writable directory"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirError(
+            f"journal.data_dir {data_dir} is in use by another cnc-edge agent; "
+            "give each machine its own data directory"
+        ) from None
+    return fd
+
+
 def run_agent(config: EdgeConfig) -> int:
     started = time.monotonic()
-    code = EdgeAgent(config).run()
+    lock = claim_data_dir(config.data_dir)
+    try:
+        code = EdgeAgent(config).run()
+    finally:
+        os.close(lock)
     log.info("agent exit: %d after %.1f s", code, time.monotonic() - started)
     return code

@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from transitions import EventData
 
-from cnc_common.backoff import Backoff, RateLimitedCounter
+from cnc_common.backoff import Backoff, RateLimitedCounter, not_logged
 from cnc_edge.config import EdgeConfig
 from cnc_edge.crashpoints import crash_point
 from cnc_edge.fsm import EdgeState, build_machine
@@ -90,6 +90,10 @@ class Buffer:
         }
         self.dropped: dict[str, int] = {}
         self._drop_log = RateLimitedCounter(interval=60.0)
+        # A failing publish can fail every batch for ack_timeout seconds, and
+        # a full disk fails every state write; one line a minute is enough.
+        self._publish_fail_log = RateLimitedCounter(interval=60.0)
+        self._state_write_log = RateLimitedCounter(interval=60.0)
         self.last_sync: dict[str, Any] | None = None
         self.sync_backoff = Backoff(initial=0.5, cap=30.0)
         self.next_sync_attempt = 0.0
@@ -184,14 +188,13 @@ class Buffer:
         suppressed = self._drop_log.hit()
         if suppressed is not None:
             log.warning(
-                "readings dropped: %d (machine %s, %s, policy %s, %d total; "
-                "%d earlier drop events not logged)",
+                "readings dropped: %d (machine %s, %s, policy %s, %d in total%s)",
                 result.dropped,
                 self.config.machine.id,
                 reason,
                 self.config.journal.full_policy,
                 sum(self.dropped.values()),
-                suppressed,
+                not_logged(suppressed),
             )
 
     def _journal_failed(self, ids: list[str], reason: str) -> None:
@@ -200,12 +203,15 @@ class Buffer:
             self._append(payloads)
             self.counters["publish_failed"] += len(payloads)
             self.metrics.publish_failed.inc(len(payloads))
-            log.warning(
-                "publish failed: %d readings journaled (machine %s, %s)",
-                len(payloads),
-                self.config.machine.id,
-                reason,
-            )
+            suppressed = self._publish_fail_log.hit()
+            if suppressed is not None:
+                log.warning(
+                    "publish failed: %d readings journaled (machine %s, %s%s)",
+                    len(payloads),
+                    self.config.machine.id,
+                    reason,
+                    not_logged(suppressed),
+                )
             if self.may_link_down():
                 self.link_down()
 
@@ -450,7 +456,14 @@ class Buffer:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT) and _overwrite(target, data):
                 return
-            log.warning("state file write failed: %s (%s)", target, exc)
+            suppressed = self._state_write_log.hit()
+            if suppressed is not None:
+                log.warning(
+                    "state file write failed: %s (%s%s)",
+                    target,
+                    exc,
+                    not_logged(suppressed),
+                )
 
 
 def _overwrite(target: Path, data: bytes) -> bool:

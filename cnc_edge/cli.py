@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -56,17 +57,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cnc-edge: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
-        print(f"{args.config}: OK (machine {config.machine.id})")
+        print(f"OK: {args.config} (machine {config.machine.id})")
         return 0
     if args.command == "status":
         data_dir = Path(args.data_dir) if args.data_dir else config.data_dir
-        return _print_status(data_dir, args.json)
-    level = args.log_level or config.log.level
-    fmt = args.log_format or config.log.format
-    logs.configure(level, fmt, machine=config.machine.id, role="agent")
-    from cnc_edge.agent import run_agent
+        try:
+            return _print_status(data_dir, args.json)
+        except BrokenPipeError:
+            # The reader went away (``cnc-edge status | head``); not an error.
+            sys.stderr.close()
+            return 0
+    # The children read their log settings from the config, so the command
+    # line overrides go into it.
+    log_settings = dataclasses.replace(
+        config.log,
+        level=(args.log_level or config.log.level).upper(),
+        format=args.log_format or config.log.format,
+    )
+    config = dataclasses.replace(config, log=log_settings)
+    logs.configure(
+        log_settings.level, log_settings.format, machine=config.machine.id, role="agent"
+    )
+    from cnc_edge.agent import DataDirError, run_agent
 
-    return run_agent(config)
+    try:
+        return run_agent(config)
+    except DataDirError as exc:
+        print(f"cnc-edge: {exc}", file=sys.stderr)
+        return 2
 
 
 def disk_status(data_dir: Path) -> dict[str, Any]:

@@ -32,6 +32,36 @@ def _machine_id(value: str) -> str | None:
     )
 
 
+def _serial_url(value: str) -> str | None:
+    """Check the scheme and the port of a pyserial URL, or a device path."""
+    if value.startswith("/"):
+        return None
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return "expected a device path such as /dev/ttyUSB0 or a URL such as socket://HOST:PORT"
+    if scheme not in _SERIAL_SCHEMES:
+        return "unknown scheme; expected a device path or one of " + ", ".join(
+            f"{name}://" for name in sorted(_SERIAL_SCHEMES)
+        )
+    if scheme in ("socket", "rfc2217"):
+        host, colon, port = rest.split("?")[0].rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return f"expected {scheme}://HOST:PORT with a port from 1 to 65535"
+    return None
+
+
+#: URL schemes that pyserial's serial_for_url opens (pyserial 3.5).
+_SERIAL_SCHEMES = {"socket", "rfc2217", "loop", "spy", "alt", "hwgrep", "cp2110"}
+
+
+def _data_dir(value: str) -> str | None:
+    # A relative path would follow the working directory, which is / under
+    # supervisord.
+    if not value or not value.startswith("/"):
+        return "expected an absolute path, for example /var/lib/cnc-edge/haas-vf2-01"
+    return None
+
+
 def _commands(value: list[str]) -> str | None:
     # Imported here so that loading a config does not import pyserial users.
     from cnc_edge.haas import validate_command
@@ -52,7 +82,7 @@ class MachineSection:
 @dataclass(frozen=True)
 class SerialSection:
     #: Anything pyserial's serial_for_url accepts: /dev/ttyUSB0, socket://host:port, loop://
-    url: str
+    url: str = field(metadata={cfg.CHECK: _serial_url})
     baudrate: int = field(default=9600, metadata={cfg.CHECK: cfg.positive})
     bytesize: int = field(
         default=8,
@@ -76,7 +106,7 @@ class SerialSection:
     reopen_backoff_initial: float = field(
         default=0.5, metadata={cfg.CHECK: cfg.positive}
     )
-    reopen_backoff_cap: float = field(default=30.0, metadata={cfg.CHECK: cfg.positive})
+    reopen_backoff_cap: float = field(default=5.0, metadata={cfg.CHECK: cfg.positive})
 
 
 @dataclass(frozen=True)
@@ -124,7 +154,7 @@ class NatsSection(NatsSecurity):
 
 @dataclass(frozen=True)
 class JournalSection:
-    data_dir: str
+    data_dir: str = field(metadata={cfg.CHECK: _data_dir})
     #: always: fsync every write; interval: at most fsync_interval_ms after a
     #: write; never: leave it to the kernel.
     fsync: str = field(

@@ -14,7 +14,7 @@ from typing import Any
 
 import serial
 
-from cnc_common.backoff import Backoff, RateLimitedCounter
+from cnc_common.backoff import Backoff, RateLimitedCounter, not_logged
 from cnc_common.reading import encode, make_reading, new_boot_id, utc_now_iso
 from cnc_edge.config import EdgeConfig
 from cnc_edge.haas import HaasClient, SerialLinkError, validate_command
@@ -64,6 +64,7 @@ class Poller:
         )
         self.next_open = 0.0
         self.open_failures = RateLimitedCounter(interval=60.0)
+        self.overruns = RateLimitedCounter(interval=60.0)
         self.audit = (
             open(config.poll.audit_file, "a", buffering=1)
             if config.poll.audit_file
@@ -84,10 +85,10 @@ class Poller:
             suppressed = self.open_failures.hit()
             if suppressed is not None:
                 log.warning(
-                    "serial open failed: %s (%s; %d more not logged)",
+                    "serial open failed: %s (%s%s)",
                     self.config.serial.url,
                     exc,
-                    suppressed,
+                    not_logged(suppressed),
                 )
             return False
         self.client = HaasClient(
@@ -103,7 +104,8 @@ class Poller:
         return True
 
     def _drop_port(self, exc: Exception) -> None:
-        log.warning("serial link lost: %s (%s)", self.config.serial.url, exc)
+        detail = getattr(exc, "detail", exc)
+        log.warning("serial link lost: %s (%s)", self.config.serial.url, detail)
         if self.port is not None:
             try:
                 self.port.close()
@@ -169,6 +171,15 @@ class Poller:
             next_start += interval
             delay = next_start - time.monotonic()
             if delay < 0:
+                suppressed = self.overruns.hit()
+                if suppressed is not None:
+                    log.warning(
+                        "poll overrun: cycle took %.2f s, interval is %.2f s "
+                        "(slow or missing answers%s)",
+                        interval - delay,
+                        interval,
+                        not_logged(suppressed),
+                    )
                 # A cycle overran the interval (slow answers, timeouts): start
                 # the next one now and do not try to catch up with a burst.
                 next_start = time.monotonic()
