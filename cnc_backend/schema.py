@@ -109,6 +109,18 @@ def migrate(conn: Connection) -> list[int]:
     and InterfaceError pass through unchanged so that the caller can
     reconnect; any other database error becomes MigrationError.
     """
+    # PostgreSQL checks the CREATE privilege even for CREATE TABLE IF NOT
+    # EXISTS on an existing table, so a role allowed only to write rows (see
+    # config/postgres/roles.sql) must not reach that statement.
+    try:
+        current = current_version(conn)
+    except (psycopg2.OperationalError, psycopg2.InterfaceError):
+        raise
+    except psycopg2.Error as exc:
+        # For example no SELECT on schema_migrations (grants.sql not run).
+        raise MigrationError(0, "read the schema version", exc) from exc
+    if current >= MIGRATIONS[-1].version:
+        return []
     applied = []
     for migration in MIGRATIONS:
         if _apply_one(conn, migration):
