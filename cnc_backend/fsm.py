@@ -62,5 +62,6 @@ def build_machine(
     )
 
 
-#: What ``cnc-diagrams`` draws into ``fsm_diagrams/backend.*`` and ``/fsm`` serves.
+#: The machine that ``cnc-diagrams`` draws into ``fsm_diagrams/backend.*``
+#: and the backend's ``/fsm`` endpoint serves.
 DIAGRAM = MachineDefinition("backend", "cnc-backend", build_machine)

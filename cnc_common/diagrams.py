@@ -1,9 +1,9 @@
 """State diagrams of the programs' state machines, in Mermaid and SVG.
 
-Diagrams are drawn by the diagram extension of transitions (``GraphMachine``;
-its Mermaid engine needs transitions 0.9.1 or newer) from the same
-``build_machine`` function that each program runs, so a diagram shows the
-transitions the code allows.
+The diagram extension of transitions (``GraphMachine``) draws them from the
+same ``build_machine`` function that each program runs, so a diagram shows
+the transitions the code allows. Its Mermaid engine needs transitions 0.9.1
+or newer.
 
 Mermaid text needs nothing beyond transitions. SVG needs two optional parts:
 the ``graphviz`` Python package (``pip install 'cnc-monitor[diagrams]'``),
@@ -101,8 +101,8 @@ def mermaid(
     _, graph = _graph(definition, "mermaid", title, active)
     lines = [line.rstrip() for line in graph.source.splitlines()]
     # transitions 0.9.3 writes the bare title between the "---" lines. Mermaid
-    # reads that block as YAML front matter, where the title is a "title" key;
-    # a JSON string is a valid YAML scalar whatever characters it contains.
+    # reads that block as YAML front matter, where the title is a "title" key.
+    # A JSON string is a valid YAML scalar whatever characters it contains.
     if lines[:3] == ["---", title, "---"]:
         lines[1] = f"title: {json.dumps(title)}"
     return "\n".join(lines) + "\n"
@@ -211,7 +211,7 @@ def stamped_hash(svg_bytes: bytes) -> str | None:
 
 
 def wants_mermaid(accept: str) -> bool:
-    """Whether an Accept header asks for Mermaid text rather than SVG.
+    """Whether an Accept header requests Mermaid text rather than SVG.
 
     Mermaid is chosen when the header names ``text/vnd.mermaid`` or
     ``text/plain`` and does not name ``image/svg+xml``; quality values are
@@ -227,7 +227,7 @@ class LiveDiagram:
     """The ``/fsm`` endpoint: the state machine with the current state highlighted.
 
     It serves SVG when Graphviz is available, and Mermaid text when it is
-    not or when the request's Accept header asks for it. ``current_state``
+    not or when the request's Accept header requests it. ``current_state``
     returns the name of the current state, or None while it is unknown; an
     unknown state is drawn with nothing highlighted. Each drawing is cached
     by state and format, because only the highlight changes.
@@ -279,7 +279,7 @@ class LiveDiagram:
         """Return the SVG drawing, or None after logging why there is none."""
         missing = graphviz_missing()
         if missing is not None:
-            # An optional part that is not installed: say so once, not per request.
+            # An optional part is not installed: log it once, not per request.
             if not self._fallback_logged:
                 self._fallback_logged = True
                 log.info("fsm diagram: serving Mermaid text (%s)", missing)

@@ -61,5 +61,6 @@ def build_machine(
     )
 
 
-#: What ``cnc-diagrams`` draws into ``fsm_diagrams/edge.*`` and ``/fsm`` serves.
+#: The machine that ``cnc-diagrams`` draws into ``fsm_diagrams/edge.*`` and
+#: the agent's ``/fsm`` endpoint serves.
 DIAGRAM = MachineDefinition("edge", "cnc-edge agent", build_machine)

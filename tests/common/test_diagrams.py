@@ -2,10 +2,10 @@
 
 The committed Mermaid files and the README blocks must equal what the code
 generates, byte for byte. The committed SVG files must exist, and the dot
-source hash recorded in each must match the current dot source; that needs
-the graphviz Python package (in the test extra) but not the dot program,
-because dot's SVG output differs between Graphviz versions. Tests that lay
-out SVG need dot and are skipped without it; CI installs it.
+source hash recorded in each must match the current dot source. That check
+needs the graphviz Python package (in the test extra) but not the dot
+program, because dot's SVG output differs between Graphviz versions. Tests
+that lay out SVG need dot and are skipped without it; CI installs it.
 """
 
 from __future__ import annotations
