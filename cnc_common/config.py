@@ -49,7 +49,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except PermissionError:
         raise ConfigError(source, "file", "permission denied") from None
     except IsADirectoryError:
-        raise ConfigError(source, "file", "is a directory; pass the config file") from None
+        raise ConfigError(
+            source, "file", "is a directory; pass the config file"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "file", f"not valid TOML: {exc}") from None
 
@@ -97,8 +99,29 @@ def load(
     environ: Mapping[str, str] | None = None,
 ) -> T:
     """Build ``cls`` from a decoded TOML document and environment overrides."""
-    merged = _apply_env(cls, dict(data), env_prefix, environ or os.environ, source)
-    return _build(cls, merged, source, path="")
+    environ = os.environ if environ is None else environ
+    env_sources: dict[str, str] = {}
+    merged = _apply_env(cls, dict(data), env_prefix, environ, source, env_sources)
+    return _build(cls, merged, _Sources(source, env_sources), path="")
+
+
+class _Sources(str):
+    """The config file's name, which also knows the keys set from the environment.
+
+    Errors about such a key name the variable, because the file may hold
+    a different, valid value.
+    """
+
+    env: dict[str, str]
+
+    def __new__(cls, source: str, env: dict[str, str]) -> _Sources:
+        instance = super().__new__(cls, source)
+        instance.env = env
+        return instance
+
+    def of(self, full_key: str) -> str:
+        name = self.env.get(full_key)
+        return f"environment variable {name}" if name else str(self)
 
 
 def _apply_env(
@@ -107,10 +130,12 @@ def _apply_env(
     env_prefix: str | None,
     environ: Mapping[str, str],
     source: str,
+    env_sources: dict[str, str],
 ) -> dict[str, Any]:
     if not env_prefix:
         return data
     hints = typing.get_type_hints(cls)
+    known: set[str] = set()
     for section in dataclasses.fields(cls):
         section_type = hints[section.name]
         if not dataclasses.is_dataclass(section_type):
@@ -118,14 +143,32 @@ def _apply_env(
         section_hints = typing.get_type_hints(section_type)
         for item in dataclasses.fields(section_type):
             name = f"{env_prefix}_{section.name}_{item.name}".upper()
+            known.add(name)
             if name not in environ:
                 continue
+            env_sources[f"{section.name}.{item.name}"] = name
             raw = environ[name]
             table = data.setdefault(section.name, {})
             if not isinstance(table, dict):
                 raise ConfigError(source, section.name, "expected a table")
             table[item.name] = _parse_env(raw, section_hints[item.name], name, item)
+    _reject_unknown_env(env_prefix, environ, known)
     return data
+
+
+def _reject_unknown_env(
+    prefix: str, environ: Mapping[str, str], known: set[str]
+) -> None:
+    """Stop on a misspelt override, which would otherwise be silently ignored."""
+    for name in sorted(environ):
+        if name.startswith(f"{prefix}_") and name not in known:
+            raise ConfigError(
+                f"environment variable {name}",
+                name,
+                f"unknown setting; overrides are named {prefix}_<SECTION>_<KEY> "
+                "after a key of the config file, for example "
+                f"{sorted(known)[0] if known else prefix + '_SECTION_KEY'}",
+            )
 
 
 def _parse_env(raw: str, hint: Any, name: str, item: dataclasses.Field) -> Any:
@@ -142,9 +185,15 @@ def _parse_env(raw: str, hint: Any, name: str, item: dataclasses.Field) -> Any:
                 return False
             raise ValueError("expected true or false")
         if base is int:
-            return int(raw)
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError("expected an integer") from None
         if base is float:
-            return float(raw)
+            try:
+                return float(raw)
+            except ValueError:
+                raise ValueError("expected a number") from None
         if typing.get_origin(base) is list:
             (inner,) = typing.get_args(base)
             parts = [part.strip() for part in raw.split(",") if part.strip()]
@@ -204,12 +253,13 @@ def _convert(
         return None
     if dataclasses.is_dataclass(base):
         return _build(base, value, source, full)
-    converted = _check_type(value, base, source, full, secret)
+    origin = source.of(full) if isinstance(source, _Sources) else source
+    converted = _check_type(value, base, origin, full, secret)
     check: Callable[[Any], str | None] | None = item.metadata.get(CHECK)
     if check is not None:
         problem = check(converted)
         if problem:
-            raise ConfigError(source, full, problem, value, show_value=not secret)
+            raise ConfigError(origin, full, problem, value, show_value=not secret)
     return converted
 
 
@@ -272,7 +322,9 @@ def host_port(value: str) -> str | None:
 
 
 def nats_url(value: str) -> str | None:
-    expected = "expected a URL such as nats://127.0.0.1:4222 (comma-separated for a cluster)"
+    expected = (
+        "expected a URL such as nats://127.0.0.1:4222 (comma-separated for a cluster)"
+    )
     for url in value.split(","):
         parsed = urllib.parse.urlsplit(url.strip())
         if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:

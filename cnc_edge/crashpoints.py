@@ -1,6 +1,6 @@
 """Named places where a test can make the process die as if killed with SIGKILL.
 
-Set ``CNC_EDGE_CRASH_AT=<name>`` (or ``<name>:<n>`` for the n-th time the
+Set ``CNC_TEST_CRASH_AT=<name>`` (or ``<name>:<n>`` for the n-th time the
 point is reached) in the agent's environment. Production runs never set it;
 the check is one dictionary lookup.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 
-_target, _, _nth = os.environ.get("CNC_EDGE_CRASH_AT", "").partition(":")
+_target, _, _nth = os.environ.get("CNC_TEST_CRASH_AT", "").partition(":")
 _remaining = int(_nth) if _nth else 1
 
 

@@ -84,7 +84,7 @@ def test_kill_during_sync_loses_nothing_on_disk(
         "cnc_edge.cli",
         ["run", "--config", str(config)],
         tmp_path / "edge-1.log",
-        {"CNC_EDGE_CRASH_AT": crash_at},
+        {"CNC_TEST_CRASH_AT": crash_at},
     )
     try:
         wait_for(
