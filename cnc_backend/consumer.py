@@ -360,7 +360,7 @@ class JetStreamConsumer:
             )
         )
         if self._stream_seen:
-            self._recreated("stream", cfg.stream)
+            self._recreated("stream", cfg.stream, "the messages it held are gone")
         else:
             log.info(
                 "created: stream %s (subjects %s.>, %d replicas)",
@@ -370,13 +370,14 @@ class JetStreamConsumer:
             )
         self._stream_seen = True
 
-    def _recreated(self, kind: str, name: str) -> None:
+    def _recreated(self, kind: str, name: str, loss: str) -> None:
         log.warning(
-            "recreated: %s %s on nats %s (it was missing: the server lost its "
-            "store or it was deleted; messages it held are gone)",
+            "recreated: %s %s on nats %s (it was missing because the server "
+            "lost its store or someone deleted it; %s)",
             kind,
             name,
             self.target,
+            loss,
         )
         if self._on_recreated is not None:
             self._on_recreated(kind)
@@ -404,7 +405,11 @@ class JetStreamConsumer:
         except nats.js.errors.NotFoundError:
             await self._js.add_consumer(cfg.stream, wanted)
             if self._consumer_seen:
-                self._recreated("consumer", cfg.durable)
+                self._recreated(
+                    "consumer",
+                    cfg.durable,
+                    "delivery starts again at the first message of the stream",
+                )
             else:
                 log.info("created: consumer %s on stream %s", cfg.durable, cfg.stream)
             self._consumer_seen = True
@@ -457,6 +462,10 @@ class JetStreamConsumer:
                 ) from None
             return []
         except NATS_FAILURES as exc:
+            # A 503 (no responders) means no consumer took the pull request,
+            # for example because it was deleted. Checking the stream and the
+            # consumer before the next fetch recreates whichever is missing.
+            self.needs_setup = True
             raise NatsUnavailable(self.target, "fetch failed", exc) from exc
 
     async def check_consumer(self) -> None:
@@ -703,7 +712,10 @@ class BackendService:
             self._lost(exc)
             await self._sleep(self._backoff.next_delay())
             return
-        self._backoff.reset()
+        if self._stop.is_set():
+            # The stop arrived as the connections came up; the state is
+            # DRAINING already, and connection_ready() is invalid there.
+            return
         self.failure = None
         self.connection_ready()  # type: ignore[attr-defined]
 
@@ -720,11 +732,16 @@ class BackendService:
         # checked to be below drain_timeout, so waiting for it fits the drain.
         try:
             messages = await self.nats.fetch()
+            # The backoff is reset here rather than when the connections come
+            # up, so a failure that connecting does not reveal, such as a
+            # fetch rejected every time, is retried with growing delays.
+            self._backoff.reset()
             if not messages:
                 await self.nats.check_consumer()
                 return
         except NatsUnavailable as exc:
             self._lost(exc)
+            await self._sleep(self._backoff.next_delay())
             return
         # From here on the batch is in hand: a stop request waits for it.
         await self._store_batch(messages)

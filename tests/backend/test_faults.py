@@ -6,10 +6,12 @@ going, and ends with each published reading stored exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 
+import nats
 import psycopg2
 import pytest
 
@@ -327,3 +329,38 @@ def test_stop_while_postgres_frozen(nats_server, private_postgres, run_service):
     wait_until_stored(dsn, first + second)
     second_runner.stop()
     assert_stored_once(dsn, first + second)
+
+
+def delete_consumer(url: str) -> None:
+    async def delete() -> None:
+        nc = await nats.connect(url, connect_timeout=2)
+        try:
+            await nc.jetstream().delete_consumer("CNC_READINGS", "cnc-backend")
+        finally:
+            await nc.close()
+
+    asyncio.run(delete())
+
+
+@pytest.mark.timeout(60)
+def test_deleted_consumer_is_recreated(nats_server, pg_dsn, run_service):
+    runner = run_service(make_config(nats_server.url, pg_dsn))
+    runner.wait_for_state(State.CONNECTED)
+    first = make_readings(10)
+    publish_readings(nats_server.url, first)
+    wait_until_stored(pg_dsn, first)
+
+    # The server stays up and keeps the stream; only the consumer goes.
+    delete_consumer(nats_server.url)
+    second = make_readings(10, start=100)
+    publish_readings(nats_server.url, second)
+
+    wait_until_stored(pg_dsn, first + second)
+    runner.stop()
+    assert_stored_once(pg_dsn, first + second)
+    counters = runner.service.counters
+    assert counters.consumer_recreated == 1
+    assert counters.stream_recreated == 0
+    # The new consumer starts at the beginning of the stream, and the
+    # insert skips what was stored before.
+    assert counters.duplicates == len(first)
