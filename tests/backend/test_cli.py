@@ -74,6 +74,20 @@ def sigterm_exit(process: subprocess.Popen[bytes]) -> tuple[int, float]:
     return status, time.monotonic() - started
 
 
+def wait_for_log(
+    process: subprocess.Popen[bytes], log_path: Path, text: str, timeout: float
+) -> None:
+    """Wait until ``text`` is in the log; fail at once, with the log, if it exits."""
+    deadline = time.monotonic() + timeout
+    while text not in log_path.read_text():
+        status = process.poll()
+        if status is not None or time.monotonic() > deadline:
+            tail = log_path.read_text()[-3000:]
+            problem = f"exited with {status}" if status is not None else "timed out"
+            raise AssertionError(f"{problem} before {text!r} in the log:\n{tail}")
+        time.sleep(0.05)
+
+
 def test_cli_check_accepts_example():
     example = Path(__file__).resolve().parents[2] / "config" / "backend.toml"
 
@@ -118,7 +132,7 @@ def test_cli_sigterm_drains_and_exits_0(tmp_path, nats_server, pg_dsn):
     log_path = tmp_path / "backend.log"
     process = start(["run", "--config", str(config)], pg_dsn, log_path)
     try:
-        wait_for(lambda: "-> CONNECTED" in log_path.read_text(), 20, "state CONNECTED")
+        wait_for_log(process, log_path, "-> CONNECTED", 20)
         readings = make_readings(200)
         publish_readings(nats_server.url, readings)
         wait_for(lambda: len(stored_ids(pg_dsn)) > 0, 10, "first readings stored")
@@ -145,7 +159,7 @@ def test_cli_sigterm_while_reconnecting(tmp_path, pg_dsn):
     log_path = tmp_path / "backend.log"
     process = start(["run", "--config", str(config)], pg_dsn, log_path)
     try:
-        wait_for(lambda: "-> RECONNECTING" in log_path.read_text(), 20, "RECONNECTING")
+        wait_for_log(process, log_path, "-> RECONNECTING", 20)
         time.sleep(1.0)
         assert process.poll() is None
         status, took = sigterm_exit(process)

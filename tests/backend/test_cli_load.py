@@ -21,7 +21,7 @@ from tests.backend.conftest import (
     stored_ids,
     wait_for,
 )
-from tests.backend.test_cli import start
+from tests.backend.test_cli import start, wait_for_log
 
 DRAIN_TIMEOUT = 5.0
 
@@ -150,12 +150,8 @@ def test_two_processes_share_consumer(tmp_path, nats_server, pg_dsn):
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     processes = [start(["run", "--config", str(config)], pg_dsn, p) for p in logs]
     try:
-        for log_path in logs:
-            wait_for(
-                lambda p=log_path: "-> CONNECTED" in p.read_text(),
-                30,
-                f"CONNECTED in {log_path.name}",
-            )
+        for process, log_path in zip(processes, logs, strict=True):
+            wait_for_log(process, log_path, "-> CONNECTED", 30)
         readings = make_readings(10_000)
         publish_many(nats_server.url, readings)
         wait_for(
