@@ -356,8 +356,8 @@ class Store:
             # Covers OperationalError (lost connection, statement_timeout),
             # InterfaceError and anything unexpected such as a dropped table.
             # All of them leave nothing committed, except a connection lost
-            # during COMMIT, whose outcome is unknown; reconnecting is the one
-            # recovery that fits them all, and the batch is written again.
+            # during COMMIT, whose outcome is unknown. Reconnecting and writing
+            # the batch again is the one recovery that fits them all.
             # NOTE: if such a COMMIT did succeed, the rewrite skips its
             # readings but stores its dead letters a second time.
             problem = self._failure("batch write failed")

@@ -172,7 +172,7 @@ def test_nats_store_loss_recreates_stream(nats_server, pg_dsn, caplog, run_servi
     wait_for(lambda: len(stored_ids(pg_dsn)) == 20, 20, "second readings stored")
     runner.stop()
     assert_stored_once(pg_dsn, first + second)
-    # Operators are told: a counter to alert on and one WARNING line each.
+    # Operators get a counter to alert on and one WARNING line per recreation.
     assert runner.service.counters.stream_recreated == 1
     assert runner.service.counters.consumer_recreated == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
