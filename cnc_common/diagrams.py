@@ -70,8 +70,8 @@ def state_names(definition: MachineDefinition) -> list[str]:
 def _graph(
     definition: MachineDefinition, engine: str, title: str, active: str | None
 ) -> tuple[Machine, Any]:
-    # Imported here, so that importing this module for MachineDefinition
-    # costs the processes that only run the machine nothing.
+    # Imported here, so that the processes that import this module only for
+    # MachineDefinition do not load the diagram extension.
     from transitions.extensions.diagrams import GraphMachine
 
     model = _Model()
@@ -290,8 +290,8 @@ class LiveDiagram:
             suppressed = self._svg_failures.hit()
             if suppressed is not None:
                 log.warning(
-                    "fsm diagram failed: %s (%s); serving Mermaid text "
-                    "[%d more since the last such line]",
+                    "fsm diagram failed: %s (%s; %d more failures not logged); "
+                    "serving Mermaid text",
                     self.definition.name,
                     exc.reason,
                     suppressed,
