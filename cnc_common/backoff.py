@@ -14,7 +14,7 @@ class Backoff:
 
     Full jitter (a uniform draw between 0 and the capped delay) keeps many
     agents that lost the same server from reconnecting in lockstep. There is
-    no attempt limit: callers stop retrying when they are told to stop.
+    no attempt limit: callers stop retrying when they are stopped.
     """
 
     initial: float = 0.1
@@ -39,7 +39,7 @@ class Backoff:
 
 
 class RateLimitedCounter:
-    """Count repeated events and say when one should be logged.
+    """Count repeated events and decide which of them to log.
 
     The first event is always logged; after that at most one per ``interval``
     seconds, with the number suppressed in between.

@@ -106,7 +106,7 @@ def load(
 
 
 class _Sources(str):
-    """The config file's name, which also knows the keys set from the environment.
+    """The config file's name, which also records the keys set from the environment.
 
     Errors about such a key name the variable, because the file may hold
     a different, valid value.

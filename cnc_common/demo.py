@@ -1,8 +1,8 @@
 """cnc-demo: the whole pipeline on one machine, with an outage in the middle.
 
 Starts a simulated Haas controller, an edge agent and a backend (and, unless
-told otherwise, an embedded nats-server and PostgreSQL on free loopback
-ports), takes the broker down and back up once, stops everything in order
+--nats-url or --pg-dsn is given, an embedded nats-server and PostgreSQL on
+free loopback ports), takes the broker down and back up once, stops everything in order
 and checks the database against every reading id the poller produced.
 
 The last line printed is JSON:

@@ -259,7 +259,7 @@ class PostgresServer:
             except KeyError:
                 continue
         raise EmbeddedServerError(
-            "running as root and no postgres or nobody account exists"
+            "cannot run PostgreSQL as root: no postgres or nobody account found; create one"
         )
 
     def _run(self, args: list[str], timeout: float = 60.0) -> None:
@@ -285,7 +285,7 @@ class PostgresServer:
         os.chown(self.base_dir, entry.pw_uid, entry.pw_gid)
 
     def _reachable_base_dir(self, wanted: Path) -> Path:
-        """Where the cluster can live when it runs as another account.
+        """Return a directory for the cluster that another account can reach.
 
         That account must be able to enter every directory above the data
         directory. Rather than open up the caller's directories, a cluster

@@ -5,7 +5,7 @@ Two threads share one lock:
 - the intake thread takes readings from the poller and, under the lock,
   either hands them to the publisher (ONLINE) or appends them to
   ``current.jsonl`` (OFFLINE, SYNCING, stopping);
-- the main thread reads the publisher's answers, drives the state machine
+- the main thread reads the publisher's results, drives the state machine
   and runs the sync, which blocks it (not the poller, not the intake) until
   every file in ``sync/`` is acknowledged and deleted.
 
@@ -347,7 +347,7 @@ class Buffer:
         self._awaiting = self._token
         self._replay_result = None
         self.to_publisher.put(("replay", self._token, chunk))
-        # The publisher answers within ack_timeout once it started the chunk;
+        # The publisher responds within ack_timeout once it started the chunk;
         # the margin covers the queue and a busy machine.
         deadline = time.monotonic() + 2 * self.config.nats.ack_timeout + 10
         while self._replay_result is None:
@@ -355,7 +355,7 @@ class Buffer:
                 return False
             if time.monotonic() > deadline:
                 log.warning(
-                    "replay timed out: no answer for a chunk of %d readings", len(chunk)
+                    "replay timed out: no result for a chunk of %d readings", len(chunk)
                 )
                 return False
             event = self._next_event(0.2)

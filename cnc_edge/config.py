@@ -10,7 +10,7 @@ from cnc_common.natsconn import NatsSecurity, check_security
 from cnc_common.reading import MACHINE_ID_PATTERN, SUBJECT_PREFIX
 
 #: Commands polled when the config names none: identity, mode, counters,
-#: timers and the program/status answer.
+#: timers and the program/status response.
 DEFAULT_POLL_COMMANDS = [
     "Q100",
     "Q104",

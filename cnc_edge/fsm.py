@@ -26,7 +26,7 @@ class EdgeState(enum.Enum):
 
 
 TRANSITIONS: list[dict[str, Any]] = [
-    # The publisher has a connection and the stream answers.
+    # The publisher has a connection and the stream responds.
     {"trigger": "link_up", "source": EdgeState.OFFLINE, "dest": EdgeState.SYNCING},
     # A publish failed or timed out, or the connection dropped.
     {

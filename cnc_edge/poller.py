@@ -180,7 +180,7 @@ class Poller:
                         interval,
                         not_logged(suppressed),
                     )
-                # A cycle overran the interval (slow answers, timeouts): start
+                # A cycle overran the interval (slow responses, timeouts): start
                 # the next one now and do not try to catch up with a burst.
                 next_start = time.monotonic()
                 delay = 0
