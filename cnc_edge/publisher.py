@@ -33,7 +33,6 @@ from nats.js.api import StorageType, StreamConfig
 
 from cnc_common.backoff import Backoff, RateLimitedCounter
 from cnc_common.natsconn import connect_options, describe_nats_error, is_rejection
-from cnc_common.natsconn import connect_options, describe_nats_error, is_rejection
 from cnc_edge.config import EdgeConfig
 from cnc_edge.crashpoints import crash_point
 from cnc_edge.metrics import PublisherMetrics
