@@ -27,6 +27,7 @@ from cnc_edge.buffer import STATE_FILE, run_buffer
 from cnc_edge.config import EdgeConfig
 from cnc_edge.endpoints import AgentEndpoints
 from cnc_edge.errors import EdgeError
+from cnc_edge.journal import make_private_dir, write_new_private_file
 from cnc_edge.metrics import (
     METRICS_DIR,
     aggregate_registry,
@@ -108,9 +109,9 @@ class EdgeAgent:
             "metrics_url": self.metrics_url,
         }
         target = self.config.data_dir / AGENT_FILE
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(target.parent)
         tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
+        write_new_private_file(tmp, orjson.dumps(info, option=orjson.OPT_INDENT_2))
         os.replace(tmp, target)
 
     def request_stop(self, signum: int | None = None, frame: Any = None) -> None:

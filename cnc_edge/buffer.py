@@ -35,7 +35,13 @@ from cnc_common.backoff import Backoff, RateLimitedCounter, not_logged
 from cnc_edge.config import EdgeConfig
 from cnc_edge.crashpoints import crash_point
 from cnc_edge.fsm import EdgeState, build_machine
-from cnc_edge.journal import QUARANTINE, Journal, oldest_buffered_ts, read_journal
+from cnc_edge.journal import (
+    QUARANTINE,
+    Journal,
+    oldest_buffered_ts,
+    read_journal,
+    write_new_private_file,
+)
 from cnc_edge.metrics import BufferMetrics
 from cnc_edge.process import parent_alive
 
@@ -450,7 +456,7 @@ class Buffer:
                 status = self.status()
                 data = orjson.dumps(status, option=orjson.OPT_INDENT_2)
             self.metrics.record_status(status)
-            tmp.write_bytes(data)
+            write_new_private_file(tmp, data)
             os.replace(tmp, target)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ import base64
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,6 +64,37 @@ def open_append(path: Path) -> int:
     return os.open(path, flags, 0o600)
 
 
+def write_new_private_file(path: Path, data: bytes) -> None:
+    """Create ``path`` anew, readable by its owner only, and write ``data``.
+
+    Whatever is at ``path`` is unlinked first. O_EXCL with O_NOFOLLOW then
+    fails instead of writing through a symlink planted in its place, and
+    the mode does not depend on the umask. Callers rename the file over
+    its final name.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` with mode 0700, or take group and other access away."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        path.chmod(0o700)
+        log.warning("permissions tightened: %s (was %o, now 700)", path, mode)
+
+
 @dataclass
 class AppendResult:
     """What happened to the readings passed to ``Journal.append``."""
@@ -100,8 +132,8 @@ class Journal:
         self.segment_bytes = segment_bytes
         #: The sync file being replayed; drop_oldest never deletes it.
         self.replaying: Path | None = None
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.sync_dir.mkdir(exist_ok=True, mode=0o700)
+        make_private_dir(self.data_dir)
+        make_private_dir(self.sync_dir)
         self._sync_sizes = {path: path.stat().st_size for path in self.sync_files()}
         self._fd: int | None = None
         self._size = 0
@@ -283,7 +315,10 @@ class Journal:
         return target
 
     def sync_files(self) -> list[Path]:
-        return sorted(self.sync_dir.glob("*.jsonl"))
+        # A symlink is skipped: one planted here must not make the agent
+        # publish the file it points to.
+        files = self.sync_dir.glob("*.jsonl")
+        return sorted(path for path in files if not path.is_symlink())
 
     @staticmethod
     def progress_path(path: Path) -> Path:
@@ -301,7 +336,7 @@ class Journal:
         target = self.progress_path(path)
         tmp = target.with_suffix(".progress-tmp")
         try:
-            tmp.write_text(str(offset))
+            write_new_private_file(tmp, str(offset).encode())
             os.replace(tmp, target)
         except OSError as exc:
             log.warning("progress not saved: %s (%s)", target.name, exc)
@@ -350,7 +385,8 @@ def read_journal(
     """
     offset = start
     first_line = 1 if start == 0 else _lines_before(path, start) + 1
-    with open(path, "rb") as handle:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(path, flags), "rb") as handle:
         handle.seek(start)
         for number, raw in enumerate(handle, start=first_line):
             offset += len(raw)
