@@ -120,8 +120,12 @@ def _leaf(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def make_certificates(directory: Path) -> Certificates:
-    """Write a CA, a server certificate for 127.0.0.1/localhost and a client one."""
+def make_certificates(directory: Path, client_name: str = "writer") -> Certificates:
+    """Write a CA, a server certificate for 127.0.0.1/localhost and a client one.
+
+    ``client_name`` is the client certificate's common name, which PostgreSQL
+    compares with the user name under ``clientcert=verify-full``.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     ca, ca_key = _self_signed_ca("cnc-monitor test CA")
     other, _ = _self_signed_ca("unrelated CA")
@@ -137,7 +141,7 @@ def make_certificates(directory: Path) -> Certificates:
         ],
     )
     client, client_key = _leaf(
-        ca, ca_key, "writer", ExtendedKeyUsageOID.CLIENT_AUTH, []
+        ca, ca_key, client_name, ExtendedKeyUsageOID.CLIENT_AUTH, []
     )
     certs = Certificates(
         ca=directory / "ca.pem",
