@@ -37,7 +37,11 @@ setup(
             "supervisor>=4.2",
             # The diagram tests check the SVG diagrams against their dot source.
             "graphviz>=0.20",
+            # The benchmark smoke test samples process memory.
+            "psutil>=5.9",
         ],
+        # python -m bench: process memory sampling and a sampling profiler.
+        "bench": ["psutil>=5.9", "py-spy>=0.3"],
         # SVG state diagrams (cnc-diagrams, /fsm); they also need the dot
         # program (Debian package graphviz). Without them Mermaid is served.
         "diagrams": ["graphviz>=0.20"],
