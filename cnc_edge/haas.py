@@ -394,6 +394,10 @@ def _parse_q600(command: str, values: list[str]) -> dict[str, Any]:
 # Client
 
 
+#: Error kind of the commands of a cycle cut short by a stop request.
+STOPPED = "stopped"
+
+
 @dataclass
 class PollResult:
     """Outcome of one poll: typed fields and, per failed command, an error kind."""
@@ -440,16 +444,27 @@ class HaasClient:
             return False
         return True
 
-    def poll(self, commands: list[str] | tuple[str, ...]) -> PollResult:
+    def poll(
+        self,
+        commands: list[str] | tuple[str, ...],
+        should_stop: Callable[[], bool] | None = None,
+    ) -> PollResult:
         """Run each command in turn and merge the fields of those that succeeded.
 
         A failed command adds no field, only its error kind in ``errors``.
+        When ``should_stop`` returns true before a command, that command and
+        the rest are recorded as ``stopped`` and not sent, so that a stop
+        waits for at most one query deadline.
 
         Raises:
             SerialLinkError: the port failed; the poll is abandoned.
         """
         result = PollResult()
-        for command in commands:
+        for position, command in enumerate(commands):
+            if should_stop is not None and should_stop():
+                for skipped in commands[position:]:
+                    result.errors[skipped] = STOPPED
+                break
             try:
                 fields = self.query(command)
             except AnswerError as exc:

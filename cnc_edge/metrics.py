@@ -157,7 +157,9 @@ class PollerMetrics:
         now = time.time()
         self.polled.labels(self.machine, reading["status"]).inc()
         for kind in reading["errors"].values():
-            self.serial_errors.labels(self.machine, kind).inc()
+            # Commands skipped because the agent is stopping were never sent.
+            if kind != "stopped":
+                self.serial_errors.labels(self.machine, kind).inc()
         self.poll_duration.observe(seconds)
         # make_reading marks a cycle "error" only when no command succeeded.
         success = reading["status"] != "error"

@@ -126,7 +126,7 @@ class Poller:
         else:
             assert self.client is not None
             try:
-                result = self.client.poll(self.commands)
+                result = self.client.poll(self.commands, self.stop_event.is_set)
                 fields, errors = result.fields, result.errors
             except SerialLinkError as exc:
                 self._drop_port(exc)

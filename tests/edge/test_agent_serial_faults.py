@@ -144,3 +144,51 @@ def test_vanishing_device_is_a_gap_then_reopened(tmp_path: Path, sim_link) -> No
     assert readings[-1]["status"] == "ok"
     seqs = [r["seq"] for r in sorted(readings, key=lambda r: r["seq"])]
     assert seqs == list(range(len(seqs))), "a cycle without a reading"
+
+
+def test_stop_mid_cycle_keeps_partial_reading(tmp_path: Path) -> None:
+    """A silent controller makes a cycle last commands x query_timeout; a stop
+    must not wait for the cycle, and the reading it cut short is kept."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted: list[socket.socket] = []
+    threading.Thread(
+        target=lambda: accepted.append(listener.accept()[0]), daemon=True
+    ).start()
+    port = listener.getsockname()[1]
+    edge_dir = tmp_path / "edge"
+    config = write_edge_config(
+        edge_dir, serial_url=f"socket://127.0.0.1:{port}", nats_url="nats://127.0.0.1:1"
+    )
+    # 15 queries of 0.5 s each: a cycle takes 7.5 s when nothing answers.
+    config.write_text(
+        config.read_text().replace(
+            "[poll]\n", "[poll]\nmacros = [5021, 5022, 5023, 5041, 5042, 5043]\n"
+        )
+    )
+    agent = start_program(
+        "cnc_edge.cli", ["run", "--config", str(config)], tmp_path / "edge.log"
+    )
+    try:
+        wait_for(lambda: accepted, 30, "the agent connected to the silent controller")
+        time.sleep(2.0)
+        stop_started = time.monotonic()
+        assert stop_program(agent, timeout=30) == 0
+        assert time.monotonic() - stop_started < 6
+    finally:
+        stop_program(agent)
+        listener.close()
+    log = (tmp_path / "edge.log").read_text()
+    assert "did not stop" not in log
+    journaled = [
+        orjson.loads(line)
+        for line in (edge_dir / "data" / "current.jsonl").read_bytes().splitlines()
+    ]
+    polled = polled_ids(edge_dir)
+    assert {r["id"] for r in journaled} == set(polled)
+    assert "stopped" in journaled[-1]["errors"].values()
+    assert journaled[-1]["fields"] == {}
