@@ -423,11 +423,16 @@ class JetStreamConsumer:
             return
         try:
             await self._js.add_consumer(cfg.stream, wanted)
-            log.info(
-                "updated: consumer %s (ack_wait %g s, max_deliver %d)",
+            # Every backend on this durable shares these settings, so a
+            # difference usually means one host's config has drifted.
+            log.warning(
+                "updated: consumer %s (ack_wait %g s, max_deliver %d; it had "
+                "ack_wait %g s, max_deliver %d; all backends on it now use the new values)",
                 cfg.durable,
                 cfg.ack_wait,
                 cfg.max_deliver,
+                current.ack_wait,
+                current.max_deliver,
             )
         except nats.js.errors.BadRequestError as exc:
             log.warning(

@@ -28,7 +28,7 @@ from typing import Any
 
 from transitions import Machine
 
-from cnc_common.backoff import RateLimitedCounter
+from cnc_common.backoff import RateLimitedCounter, not_logged
 from cnc_common.errors import DiagramUnavailable
 from cnc_common.httpserver import Response
 
@@ -290,10 +290,9 @@ class LiveDiagram:
             suppressed = self._svg_failures.hit()
             if suppressed is not None:
                 log.warning(
-                    "fsm diagram failed: %s (%s; %d more failures not logged); "
-                    "serving Mermaid text",
+                    "fsm diagram failed: %s (%s%s); serving Mermaid text",
                     self.definition.name,
                     exc.reason,
-                    suppressed,
+                    not_logged(suppressed),
                 )
             return None

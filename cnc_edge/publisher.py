@@ -31,7 +31,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-from cnc_common.backoff import Backoff, RateLimitedCounter
+from cnc_common.backoff import Backoff, RateLimitedCounter, not_logged
 from cnc_common.natsconn import connect_options, describe_nats_error, is_rejection
 from cnc_edge.config import EdgeConfig
 from cnc_edge.crashpoints import crash_point
@@ -93,19 +93,19 @@ class Publisher:
                 suppressed = self._unreachable.hit()
                 if suppressed is not None:
                     log.warning(
-                        "connect failed: %s (%s; %d more failures not logged)",
+                        "connect failed: %s (%s%s)",
                         self.nats_cfg.url,
                         describe_nats_error(exc),
-                        suppressed,
+                        not_logged(suppressed),
                     )
             return
         suppressed = self._connect_failures.hit()
         if suppressed is not None:
             log.warning(
-                "rejected by nats: %s (%s; %d more not logged)",
+                "rejected by nats: %s (%s%s)",
                 self.nats_cfg.url,
                 describe_nats_error(exc),
-                suppressed,
+                not_logged(suppressed),
             )
 
     def _server_name(self) -> str:
@@ -143,10 +143,10 @@ class Publisher:
                 suppressed = self._connect_failures.hit()
                 if suppressed is not None:
                     log.warning(
-                        "connect failed: %s (%s; %d more failures not logged)",
+                        "connect failed: %s (%s%s)",
                         self.nats_cfg.url,
                         type(exc).__name__,
-                        suppressed,
+                        not_logged(suppressed),
                     )
                 await asyncio.sleep(backoff.next_delay())
                 continue

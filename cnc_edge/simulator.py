@@ -958,7 +958,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tcp",
         type=int,
         metavar="PORT",
-        help="serve on a TCP port (0 picks a free one); prints the socket:// URL",
+        help=(
+            "serve on a TCP port (0 picks a free one) for one client at a time, "
+            "as a serial-to-Ethernet converter does; prints the socket:// URL"
+        ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="TCP address to bind")
     parser.add_argument(
