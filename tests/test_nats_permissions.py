@@ -36,7 +36,7 @@ from tests.security import NKey, new_nkey, start_nats, write_secret
 pytestmark = pytest.mark.timeout(120)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "nats" / "server.conf"
-USERS = ("vf2-01", "vf2-02", "backend")
+USERS = ("haas-vf2-01", "haas-st10-01", "backend")
 
 
 @dataclass
@@ -149,14 +149,14 @@ def test_edges_publish_own_subject_and_backend_consumes(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     backend = backend_config(deployment)
-    first, second = reading("vf2-01"), reading("vf2-02")
+    first, second = reading("haas-vf2-01"), reading("haas-st10-01")
 
     assert asyncio.run(setup_and_fetch(backend)) == []
     answers = [
         asyncio.run(
             run_publisher(edge_config(deployment, machine, machine, tmp_path), [item])
         )
-        for machine, item in (("vf2-01", first), ("vf2-02", second))
+        for machine, item in (("haas-vf2-01", first), ("haas-st10-01", second))
     ]
     fetched = asyncio.run(setup_and_fetch(backend))
 
@@ -170,20 +170,20 @@ def test_edge_publishing_as_other_machine_rejected(
 ) -> None:
     backend = backend_config(deployment)
     asyncio.run(setup_and_fetch(backend))
-    forged = reading("vf2-02")
+    forged = reading("haas-st10-01")
     caplog.set_level(logging.WARNING)
 
-    # vf2-01's credentials with machine id vf2-02: the subject is cnc.readings.vf2-02.
-    config = edge_config(deployment, "vf2-02", "vf2-01", tmp_path)
+    # haas-vf2-01's credentials with machine id haas-st10-01: the subject is cnc.readings.haas-st10-01.
+    config = edge_config(deployment, "haas-st10-01", "haas-vf2-01", tmp_path)
     answers = asyncio.run(run_publisher(config, [forged]))
 
     failed = [item for item in answers if item[0] == "failed"]
     assert failed and failed[0][1] == [forged[0]]
     assert "permission denied" in caplog.text
-    assert 'violation for publish to "cnc.readings.vf2-02"' in caplog.text
+    assert 'violation for publish to "cnc.readings.haas-st10-01"' in caplog.text
     assert asyncio.run(setup_and_fetch(backend)) == []
     server_log = deployment.server.log_file.read_text()
-    assert 'Publish Violation - Subject "cnc.readings.vf2-02"' in server_log
+    assert 'Publish Violation - Subject "cnc.readings.haas-st10-01"' in server_log
 
 
 async def _violations(
@@ -220,10 +220,10 @@ async def _violations(
 @pytest.mark.parametrize(
     ("user", "inbox_prefix", "action"),
     [
-        ("vf2-01", "_INBOX.edge-vf2-01", "subscribe-readings"),
-        ("vf2-01", "_INBOX.edge-vf2-01", "subscribe-backend-inbox"),
-        ("vf2-01", "_INBOX.edge-vf2-01", "create-consumer"),
-        ("vf2-01", "_INBOX.edge-vf2-01", "delete-stream"),
+        ("haas-vf2-01", "_INBOX.edge-haas-vf2-01", "subscribe-readings"),
+        ("haas-vf2-01", "_INBOX.edge-haas-vf2-01", "subscribe-backend-inbox"),
+        ("haas-vf2-01", "_INBOX.edge-haas-vf2-01", "create-consumer"),
+        ("haas-vf2-01", "_INBOX.edge-haas-vf2-01", "delete-stream"),
         ("backend", "_INBOX.backend", "publish-reading"),
         ("backend", "_INBOX.backend", "delete-stream"),
     ],
@@ -245,7 +245,7 @@ def test_role_rejected_outside_its_subjects(
         elif action == "delete-stream":
             await nc.publish("$JS.API.STREAM.DELETE.CNC_READINGS", b"")
         elif action == "publish-reading":
-            await nc.publish("cnc.readings.vf2-01", reading("vf2-01")[1])
+            await nc.publish("cnc.readings.haas-vf2-01", reading("haas-vf2-01")[1])
 
     errors = asyncio.run(_violations(deployment, user, inbox_prefix, attempt))
 

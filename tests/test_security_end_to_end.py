@@ -53,7 +53,7 @@ def test_pipeline_over_mutual_tls_with_permissions(
     text = EXAMPLE.read_text()
     seeds = {}
     for user, example in zip(
-        ("vf2-01", "vf2-02", "backend"),
+        ("haas-vf2-01", "haas-st10-01", "backend"),
         re.findall(r"nkey: (U[A-Z2-7]{55})", text),
         strict=True,
     ):
@@ -73,13 +73,13 @@ def test_pipeline_over_mutual_tls_with_permissions(
         {"nkey_seed_file": seeds["backend"], "inbox_prefix": "_INBOX.backend", **tls},
     )
     edge_config = write_edge_config(
-        tmp_path / "edge", serial_url=sim_pty.url, nats_url=url, machine="vf2-01"
+        tmp_path / "edge", serial_url=sim_pty.url, nats_url=url, machine="haas-vf2-01"
     )
     _add_nats_keys(
         edge_config,
         {
-            "nkey_seed_file": seeds["vf2-01"],
-            "inbox_prefix": "_INBOX.edge-vf2-01",
+            "nkey_seed_file": seeds["haas-vf2-01"],
+            "inbox_prefix": "_INBOX.edge-haas-vf2-01",
             "create_stream": False,
             **tls,
         },
@@ -111,6 +111,6 @@ def test_pipeline_over_mutual_tls_with_permissions(
     logs = (tmp_path / "edge.log").read_text() + (tmp_path / "backend.log").read_text()
 
     assert backend_code == 0
-    assert set(stored_ids(pg_dsn, machine="vf2-01")) == set(polled)
+    assert set(stored_ids(pg_dsn, machine="haas-vf2-01")) == set(polled)
     assert "rejected by nats" not in logs
     assert "Violation" not in server.log_file.read_text()
