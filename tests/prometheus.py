@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 INSTALL_HINT = (
@@ -48,9 +50,17 @@ def values(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
 
 
 def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run promtool; fail the test with the install command if it is missing."""
+    """Run promtool; without it, skip on a developer's machine and fail in CI.
+
+    A fresh machine has no promtool and the README's test command must pass
+    there; CI installs it (``.ci/run``) and sets CI, so there a missing
+    promtool is an error and these tests cannot be skipped unnoticed.
+    """
     executable = shutil.which("promtool")
-    assert executable is not None, INSTALL_HINT
+    if executable is None:
+        if os.environ.get("CI"):
+            pytest.fail(INSTALL_HINT)
+        pytest.skip(INSTALL_HINT)
     return subprocess.run(
         [executable, *args],
         input=stdin,
