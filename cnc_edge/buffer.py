@@ -475,9 +475,9 @@ class Buffer:
 def _overwrite(target: Path, data: bytes) -> bool:
     """Rewrite a file in place, which needs no free space while it does not grow.
 
-    On a full disk the atomic write-and-rename fails, and the state file is
-    exactly what an operator reads to find out why; a reader may see a torn
-    file for a moment and retries.
+    On a full disk the atomic write-and-rename fails, yet the state file is
+    exactly what an operator reads to find out why. A reader may see a torn
+    file for a moment, and retries.
     """
     try:
         fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)

@@ -5,7 +5,7 @@ Layout of ``<data_dir>``:
 - ``current.jsonl``: readings appended while OFFLINE or SYNCING.
 - ``sync/<ns>.jsonl``: rotated journals waiting for replay; the names sort
   by rotation time, so replay goes oldest first. ``<ns>.progress`` next to
-  one holds the byte offset up to which its readings were acknowledged, so
+  one contains the byte offset up to which its readings were acknowledged, so
   a restart does not resend the whole file.
 - ``quarantine.jsonl``: lines that could not be replayed, each with its
   source file, line number and the raw bytes.
@@ -97,7 +97,7 @@ def make_private_dir(path: Path) -> None:
 
 @dataclass
 class AppendResult:
-    """What happened to the readings passed to ``Journal.append``."""
+    """Outcome of one ``Journal.append`` call: readings written and dropped."""
 
     written: int = 0
     #: Readings dropped: new ones (drop_newest, disk full) or old ones
@@ -268,7 +268,7 @@ class Journal:
         return count
 
     def maybe_sync(self) -> None:
-        """fsync if the interval policy says it is due; called on every tick."""
+        """fsync when the interval policy makes it due; called on every tick."""
         if not self._dirty or self.fsync_policy != "interval":
             return
         if time.monotonic() - self._last_fsync >= self.fsync_interval:

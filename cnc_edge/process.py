@@ -15,10 +15,10 @@ from cnc_edge.config import EdgeConfig
 def child_setup(config: EdgeConfig, role: str) -> None:
     """Configure logging and signals in a freshly spawned child process.
 
-    Children ignore SIGINT and SIGTERM: Ctrl-C in a terminal and
-    supervisord's stopasgroup signal the whole process group, and the stop
-    must run in order (poller first, then the buffer flushes to disk, then
-    the publisher closes), which only the parent can coordinate.
+    Children ignore SIGINT and SIGTERM, because Ctrl-C in a terminal and
+    supervisord's stopasgroup signal the whole process group. The stop must
+    run in order (poller first, then the buffer flushes to disk, then the
+    publisher closes), and only the parent can coordinate that.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -48,8 +48,8 @@ def parent_alive(parent_pid: int) -> bool:
 class StopFlag:
     """A flag the parent sets and child processes poll, with no lock inside.
 
-    multiprocessing.Event is built on a lock and a condition; a child killed
-    with SIGKILL while waiting on one leaves the lock held, and the parent's
+    multiprocessing.Event is built on a lock and a condition. A child killed
+    with SIGKILL while waiting on one leaves the lock held, so the parent's
     ``set()`` then blocks for ever. A RawValue is plain shared memory.
     """
 

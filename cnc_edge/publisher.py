@@ -1,6 +1,6 @@
 """The publisher process: owns the NATS connection and reports PubAcks.
 
-It receives batches from the buffer process and answers each one:
+It receives batches from the buffer process and sends one result for each:
 
 - ``("live", [(id, payload), ...])`` -> ``("acked", [ids])`` and/or
   ``("failed", [ids], reason)``; every live id gets exactly one answer.
@@ -155,7 +155,7 @@ class Publisher:
             return
 
     async def _probe(self) -> bool:
-        """Check that the stream answers, creating it if allowed and missing."""
+        """Check that the stream responds, creating it if allowed and missing."""
         assert self.js is not None
         stream = self.nats_cfg.stream
         try:
@@ -184,7 +184,7 @@ class Publisher:
             return False
 
     async def _link_watch(self) -> None:
-        """Bring the link up whenever the connection is usable and the stream answers."""
+        """Bring the link up whenever the connection is usable and the stream responds."""
         backoff = Backoff(initial=0.2, cap=2.0)
         while not self._stopping:
             if self.nc is None or self.nc.is_closed:
