@@ -1,16 +1,19 @@
-"""The ``cnc-backend`` command: run, migrate or check."""
+"""The ``cnc-backend`` command: run, migrate, coverage or check."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 
 import psycopg2
+import psycopg2.errors
 
-from cnc_backend import service
+from cnc_backend import ledger, service
 from cnc_backend.config import BackendConfig, describe_dsn, load_config
 from cnc_backend.errors import BackendError
 from cnc_backend.schema import migrate
@@ -47,6 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_config(commands.add_parser("migrate", help="apply pending schema migrations"))
+    coverage = commands.add_parser(
+        "coverage",
+        help="print a machine's coverage spans and the share of time per kind",
+    )
+    _add_config(coverage)
+    coverage.add_argument("--machine", required=True, help="machine id")
+    coverage.add_argument(
+        "--since",
+        default="24h",
+        type=_time_arg,
+        help="start: ISO 8601 time, or an age such as 90m, 24h, 7d (default 24h)",
+    )
+    coverage.add_argument(
+        "--until", type=_time_arg, help="end: ISO 8601 time or an age (default now)"
+    )
+    coverage.add_argument(
+        "--json", action="store_true", help="print JSON instead of a table"
+    )
     _add_config(commands.add_parser("check", help="validate the configuration file"))
     return parser
 
@@ -69,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "migrate":
         return _migrate(config)
+    if args.command == "coverage":
+        return _coverage(config, args)
     return _run(config, args)
 
 
@@ -90,6 +113,51 @@ def _migrate(config: BackendConfig) -> int:
         print(f"applied migrations {', '.join(map(str, applied))} to {target}")
     else:
         print(f"schema up to date on {target}")
+    return EXIT_OK
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _time_arg(text: str) -> datetime:
+    """Parse an ISO 8601 time (UTC if it has no zone) or an age like ``24h``."""
+    unit = text[-1:]
+    if unit in _AGE_UNITS and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * _AGE_UNITS[unit])
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}: give an ISO 8601 time such as "
+            "2026-12-04T08:00:00Z or an age such as 90m, 24h or 7d"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _coverage(config: BackendConfig, args: argparse.Namespace) -> int:
+    target = describe_dsn(config.postgres.dsn)
+    try:
+        conn = open_connection(config.postgres)
+        try:
+            with conn, conn.cursor() as cur:
+                rows = ledger.coverage(cur, args.machine, args.since, args.until)
+        finally:
+            conn.close()
+    except psycopg2.errors.UndefinedTable:
+        print(
+            f"cnc-backend: no coverage ledger on {target}: run "
+            "'cnc-backend migrate' (or start the backend once) first",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except (BackendError, psycopg2.Error) as exc:
+        print(f"cnc-backend: coverage failed on {target}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    shares = ledger.summary(rows)
+    if args.json:
+        print(json.dumps(ledger.report(args.machine, rows, shares), indent=2))
+    else:
+        print(ledger.format_table(args.machine, rows, shares))
     return EXIT_OK
 
 

@@ -42,15 +42,25 @@ from cnc_backend.metrics import BackendMetrics
 from cnc_backend.store import (
     REJECTED_BY_DATABASE,
     DeadLetter,
+    LossRow,
     Origin,
     ReadingRow,
+    ReducedRow,
     Store,
     WriteResult,
 )
 from cnc_common.backoff import Backoff, RateLimitedCounter
+from cnc_common.coverage import (
+    DELIVERIES,
+    DELIVERY_HEADER,
+    LIVE,
+    control_subject,
+    validate_loss,
+    validate_reduced,
+)
 from cnc_common.errors import InvalidReading
 from cnc_common.natsconn import connect_options, describe_nats_error
-from cnc_common.reading import decode
+from cnc_common.reading import validate
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +113,18 @@ class Counters:
 
 @dataclass
 class PreparedBatch:
-    """Fetched messages split into storable readings and dead letters."""
+    """Fetched messages split into readings, ledger records and dead letters.
+
+    Readings, reduced records and loss reports are all acknowledged after
+    the commit; ``row_messages`` lists the messages of ``rows`` in order,
+    and ``other_messages`` those of ``reduced`` and ``losses``.
+    """
 
     rows: list[ReadingRow] = field(default_factory=list)
     row_messages: list[Msg] = field(default_factory=list)
+    reduced: list[ReducedRow] = field(default_factory=list)
+    losses: list[LossRow] = field(default_factory=list)
+    other_messages: list[Msg] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     dead_messages: list[Msg] = field(default_factory=list)
 
@@ -114,22 +132,29 @@ class PreparedBatch:
         """Return (messages to ack, messages to terminate) after a commit."""
         rejected = set(result.rejected)
         ack = [m for i, m in enumerate(self.row_messages) if i not in rejected]
+        ack += self.other_messages
         term = self.dead_messages + [self.row_messages[i] for i in sorted(rejected)]
         return ack, term
 
 
 def prepare_batch(messages: list[Msg], prefix: str, max_payload: int) -> PreparedBatch:
-    """Decode and check each message; sort it into rows or dead letters."""
+    """Decode and check each message; sort it by what it is."""
     batch = PreparedBatch()
     for msg in messages:
         origin = _origin(msg)
-        outcome = classify(origin, prefix, max_payload)
+        outcome = classify(origin, prefix, max_payload, _delivery(msg))
         if isinstance(outcome, ReadingRow):
             batch.rows.append(outcome)
             batch.row_messages.append(msg)
-        else:
+        elif isinstance(outcome, DeadLetter):
             batch.dead_letters.append(outcome)
             batch.dead_messages.append(msg)
+        else:
+            if isinstance(outcome, ReducedRow):
+                batch.reduced.append(outcome)
+            else:
+                batch.losses.append(outcome)
+            batch.other_messages.append(msg)
     return batch
 
 
@@ -143,7 +168,18 @@ def _origin(msg: Msg) -> Origin:
         return Origin(msg.subject, msg.data)
 
 
-def classify(origin: Origin, prefix: str, max_payload: int) -> ReadingRow | DeadLetter:
+def _delivery(msg: Msg) -> str:
+    """The message's Cnc-Delivery header; ``live`` when it has none."""
+    value = (msg.headers or {}).get(DELIVERY_HEADER, LIVE)
+    return value if value in DELIVERIES else LIVE
+
+
+Outcome = ReadingRow | ReducedRow | LossRow | DeadLetter
+
+
+def classify(
+    origin: Origin, prefix: str, max_payload: int, delivery: str = LIVE
+) -> Outcome:
     """Turn one payload into a row, or into a dead letter with a reason label.
 
     Reasons: ``oversize``, ``invalid_json``, ``schema`` and
@@ -154,13 +190,36 @@ def classify(origin: Origin, prefix: str, max_payload: int) -> ReadingRow | Dead
         detail = f"payload is {size} bytes, limit is {max_payload}"
         return DeadLetter(origin, "oversize", detail)
     try:
-        reading = decode(origin.raw)
+        data = orjson.loads(origin.raw)
+    except orjson.JSONDecodeError as exc:
+        return DeadLetter(origin, "invalid_json", str(exc))
+    kind = data.get("type", "reading") if isinstance(data, dict) else "reading"
+    try:
+        if kind == "reading":
+            reading = validate(data)
+        elif kind == "reduced":
+            reading = validate_reduced(data)
+        elif kind == "loss":
+            reading = validate_loss(data)
+        else:
+            raise InvalidReading("schema", f"unknown message type {kind!r}")
     except InvalidReading as exc:
         return DeadLetter(origin, exc.reason, exc.detail)
     expected = f"{prefix}.{reading['machine']}"
+    if kind == "loss":
+        expected = control_subject(prefix, reading["machine"])
     if origin.subject != expected:
         detail = f"machine {reading['machine']!r} published on {origin.subject!r}"
         return DeadLetter(origin, "subject_mismatch", detail)
+    if kind == "reduced":
+        return _reduced_row(reading, origin)
+    if kind == "loss":
+        return _loss_row(reading, origin)
+    return _reading_row(reading, origin, delivery)
+
+
+def _reading_row(reading: dict[str, Any], origin: Origin, delivery: str) -> ReadingRow:
+    ctrl_ts = reading.get("ctrl_ts")
     return ReadingRow(
         id=reading["id"],
         machine_id=reading["machine"],
@@ -170,6 +229,45 @@ def classify(origin: Origin, prefix: str, max_payload: int) -> ReadingRow | Dead
         status=reading["status"],
         fields_json=orjson.dumps(reading["fields"]).decode(),
         errors_json=orjson.dumps(reading["errors"]).decode(),
+        origin=origin,
+        delivery=delivery,
+        condition=reading.get("condition", "ok"),
+        host_boot=reading.get("host_boot", ""),
+        mono=float(reading["mono"]),
+        clock_synced=reading.get("clock_synced", True),
+        ctrl_ts=datetime.fromisoformat(ctrl_ts) if ctrl_ts else None,
+    )
+
+
+def _reduced_row(record: dict[str, Any], origin: Origin) -> ReducedRow:
+    return ReducedRow(
+        machine_id=record["machine"],
+        boot_id=record["boot"],
+        seq_start=record["seq_start"],
+        seq_end=record["seq_end"],
+        count=record["count"],
+        ts_start=datetime.fromisoformat(record["ts_start"]),
+        ts_end=datetime.fromisoformat(record["ts_end"]),
+        stats_json=orjson.dumps(record.get("stats", {})).decode(),
+        last_json=orjson.dumps(record.get("last", {})).decode(),
+        origin=origin,
+    )
+
+
+def _loss_row(report: dict[str, Any], origin: Origin) -> LossRow:
+    def when(key: str) -> datetime | None:
+        value = report.get(key)
+        return datetime.fromisoformat(value) if value else None
+
+    return LossRow(
+        machine_id=report["machine"],
+        boot_id=report["boot"],
+        seq_start=report["seq_start"],
+        seq_end=report["seq_end"],
+        reason=report["reason"],
+        ts_start=when("ts_start"),
+        ts_end=when("ts_end"),
+        detail=report.get("detail", ""),
         origin=origin,
     )
 
@@ -759,14 +857,20 @@ class BackendService:
         started = time.monotonic()
         try:
             result = await self._in_thread(
-                self.store.write_batch, batch.rows, batch.dead_letters
+                self.store.write_batch,
+                batch.rows,
+                batch.dead_letters,
+                batch.reduced,
+                batch.losses,
             )
         except BackendError as exc:
             # Nothing is acknowledged: JetStream redelivers after ack_wait.
             self._lost(exc)
             return
         seconds = time.monotonic() - started
-        self.metrics.record_commit(batch.rows, batch.dead_letters, result, seconds)
+        self.metrics.record_commit(
+            batch.rows, batch.dead_letters, result, seconds, batch.losses
+        )
         ack, term = batch.settlement(result)
         await self.nats.settle(ack, term)
         self._count(result)

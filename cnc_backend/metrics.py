@@ -14,7 +14,7 @@ import bisect
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from cnc_backend.store import REJECTED_BY_DATABASE, DeadLetter, ReadingRow, WriteResult
+from cnc_backend.store import (
+    REJECTED_BY_DATABASE,
+    DeadLetter,
+    LossRow,
+    ReadingRow,
+    WriteResult,
+)
 
 if TYPE_CHECKING:
     from cnc_backend.consumer import BackendService
@@ -162,6 +168,15 @@ class _ServiceCollector:
             counter = CounterMetricFamily(name, documentation)
             counter.add_metric([], getattr(counters, attribute, 0))
             yield counter
+        lost = GaugeMetricFamily(
+            "cnc_backend_coverage_lost_seconds",
+            "Seconds of LOST coverage in the ledger for each machine, all "
+            "reasons (see the coverage view).",
+            labels=["machine"],
+        )
+        for machine, seconds in sorted(self.service.store.lost_seconds.items()):
+            lost.add_metric([machine], seconds)
+        yield lost
 
 
 class BackendMetrics:
@@ -285,6 +300,33 @@ class BackendMetrics:
             ("machine",),
             registry=self.registry,
         )
+        self.last_seq = Gauge(
+            "cnc_backend_last_sequence",
+            "Sequence number of the newest reading stored for each machine "
+            "(it restarts at 0 when the agent starts a new boot).",
+            ("machine",),
+            registry=self.registry,
+        )
+        self.reanchored = Counter(
+            "cnc_backend_reanchored_readings_total",
+            "Readings recorded while the host clock was not synchronised whose "
+            "time was re-anchored on the monotonic clock.",
+            ("machine",),
+            registry=self.registry,
+        )
+        self.loss_reports = Counter(
+            "cnc_backend_loss_reports_total",
+            "Loss reports received from edge agents, by reason.",
+            ("machine", "reason"),
+            registry=self.registry,
+        )
+        self.reduced_records = Counter(
+            "cnc_backend_reduced_records_total",
+            "Reduced records stored (continuous values summarised near the "
+            "edge's journal cap).",
+            ("machine",),
+            registry=self.registry,
+        )
         self.gaps = Counter(
             "cnc_backend_sequence_gap_readings_total",
             "Sequence numbers skipped within an agent boot when a later reading "
@@ -322,6 +364,7 @@ class BackendMetrics:
         dead_letters: list[DeadLetter],
         result: WriteResult,
         seconds: float,
+        losses: Sequence[LossRow] = (),
     ) -> None:
         """Record one committed batch: duration, dead letters and its readings."""
         now = self.clock()
@@ -334,6 +377,12 @@ class BackendMetrics:
         for index, row in enumerate(rows):
             if index not in rejected:
                 self._record_row(row, now)
+        for loss in losses:
+            self.loss_reports.labels(loss.machine_id, loss.reason).inc()
+        for machine, count in result.reduced_by_machine.items():
+            self.reduced_records.labels(machine).inc(count)
+        for machine, count in result.reanchored_by_machine.items():
+            self.reanchored.labels(machine).inc(count)
         self.last_batch = {
             "at": now,
             "messages": len(rows) + len(dead_letters),
@@ -362,6 +411,7 @@ class BackendMetrics:
         if polled > self._newest.get(row.machine_id, 0.0):
             self._newest[row.machine_id] = polled
             self.newest_reading.labels(row.machine_id).set(polled)
+            self.last_seq.labels(row.machine_id).set(row.seq)
 
     def record_pending(self, pending: int, ack_pending: int) -> None:
         self.pending.set(pending)

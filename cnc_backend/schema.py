@@ -97,8 +97,157 @@ def _try_create_timescaledb(cur: Cursor) -> bool:
     return True
 
 
+#: Time rows of the coverage view: stored spans, sequence gaps no span or
+#: report explains (GAP), and time between two boots of an agent that no
+#: span covers (UNSEEN: the agent was not running, or ran without a link to
+#: the broker and lost nothing it knew of). ``seconds`` is the time a row
+#: accounts for: up to the start of the machine's next row, so that the rows
+#: of a machine tile its timeline without overlap.
+_COVERAGE_VIEW = """
+CREATE VIEW coverage AS
+WITH spans AS (
+    SELECT machine_id, boot_id, seq_start, seq_end, kind, reason, ts_start, ts_end,
+           lag(seq_end) OVER by_seq AS prev_seq_end,
+           lag(ts_end) OVER by_seq AS prev_ts_end
+    FROM coverage_spans
+    WINDOW by_seq AS (PARTITION BY machine_id, boot_id ORDER BY seq_start)
+), seq_rows AS (
+    SELECT machine_id, boot_id, seq_start, seq_end, kind, reason, ts_start, ts_end
+    FROM spans
+    UNION ALL
+    SELECT machine_id, boot_id, prev_seq_end + 1, seq_start - 1, 'GAP',
+           'unreported', prev_ts_end, ts_start
+    FROM spans
+    WHERE seq_start > prev_seq_end + 1
+), ordered AS (
+    SELECT *,
+           lead(ts_start) OVER by_time AS next_ts,
+           lead(boot_id) OVER by_time AS next_boot
+    FROM seq_rows
+    WINDOW by_time AS (PARTITION BY machine_id ORDER BY ts_start, seq_start)
+), tiled AS (
+    SELECT machine_id, boot_id, seq_start, seq_end, kind, reason, ts_start, ts_end,
+           CASE
+               WHEN next_ts IS NULL THEN ts_end
+               WHEN next_boot <> boot_id AND kind <> 'LOST'
+                   THEN least(ts_end, next_ts)
+               ELSE greatest(next_ts, ts_start)
+           END AS until
+    FROM ordered
+    UNION ALL
+    SELECT machine_id, boot_id, NULL::bigint, NULL::bigint, 'UNSEEN',
+           'agent_not_running', ts_end, next_ts, next_ts
+    FROM ordered
+    WHERE next_boot <> boot_id AND kind <> 'LOST' AND next_ts > ts_end
+)
+SELECT machine_id, boot_id, seq_start, seq_end, kind, reason, ts_start, ts_end,
+       until, extract(epoch FROM until - ts_start)::double precision AS seconds
+FROM tiled
+"""
+
+
+def _add_coverage_ledger(cur: Cursor) -> None:
+    cur.execute(
+        """
+        ALTER TABLE readings
+            ADD COLUMN delivery text NOT NULL DEFAULT 'live',
+            ADD COLUMN condition text NOT NULL DEFAULT 'ok',
+            ADD COLUMN host_boot text NOT NULL DEFAULT '',
+            ADD COLUMN mono double precision,
+            ADD COLUMN clock_synced boolean NOT NULL DEFAULT true,
+            ADD COLUMN ctrl_ts timestamptz,
+            ADD COLUMN event_ts timestamptz,
+            ADD COLUMN reanchored boolean NOT NULL DEFAULT false
+        """
+    )
+    cur.execute("UPDATE readings SET event_ts = ts")
+    cur.execute(
+        "CREATE INDEX readings_unanchored ON readings (machine_id, host_boot) "
+        "WHERE NOT clock_synced AND NOT reanchored"
+    )
+    cur.execute(
+        """
+        CREATE TABLE readings_reduced (
+            machine_id text NOT NULL,
+            boot_id text NOT NULL,
+            seq_start bigint NOT NULL,
+            seq_end bigint NOT NULL,
+            count int NOT NULL,
+            ts_start timestamptz NOT NULL,
+            ts_end timestamptz NOT NULL,
+            stats jsonb NOT NULL,
+            last jsonb NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (machine_id, boot_id, seq_start)
+        )
+        """
+    )
+    cur.execute(
+        """
+        CREATE TABLE coverage_spans (
+            machine_id text NOT NULL,
+            boot_id text NOT NULL,
+            seq_start bigint NOT NULL,
+            seq_end bigint NOT NULL CHECK (seq_end >= seq_start),
+            kind text NOT NULL CHECK (kind IN
+                ('LIVE', 'BACKFILLED', 'BACKFILLED_REDUCED', 'LOST')),
+            reason text NOT NULL DEFAULT '',
+            ts_start timestamptz,
+            ts_end timestamptz,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (machine_id, boot_id, seq_start)
+        )
+        """
+    )
+    cur.execute(
+        "CREATE INDEX coverage_spans_machine_ts ON coverage_spans (machine_id, ts_start)"
+    )
+    cur.execute(
+        """
+        CREATE TABLE loss_reports (
+            id bigserial PRIMARY KEY,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            machine_id text NOT NULL,
+            boot_id text NOT NULL,
+            seq_start bigint NOT NULL,
+            seq_end bigint NOT NULL,
+            reason text NOT NULL,
+            ts_start timestamptz,
+            ts_end timestamptz,
+            detail text NOT NULL,
+            UNIQUE (machine_id, boot_id, seq_start, seq_end, reason)
+        )
+        """
+    )
+    cur.execute(
+        """
+        CREATE TABLE clock_anchors (
+            machine_id text NOT NULL,
+            host_boot text NOT NULL,
+            offset_s double precision NOT NULL,
+            anchored_at timestamptz NOT NULL,
+            PRIMARY KEY (machine_id, host_boot)
+        )
+        """
+    )
+    cur.execute(
+        """
+        CREATE TABLE clock_reanchors (
+            id bigserial PRIMARY KEY,
+            at timestamptz NOT NULL DEFAULT now(),
+            machine_id text NOT NULL,
+            host_boot text NOT NULL,
+            offset_s double precision NOT NULL,
+            readings bigint NOT NULL
+        )
+        """
+    )
+    cur.execute(_COVERAGE_VIEW)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create readings and dead_letters", _create_readings),
+    Migration(2, "add the coverage ledger", _add_coverage_ledger),
 )
 
 

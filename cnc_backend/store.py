@@ -25,6 +25,7 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import execute_values
 
+from cnc_backend import ledger
 from cnc_backend.config import (
     PostgresConfig,
     describe_dsn,
@@ -32,6 +33,7 @@ from cnc_backend.config import (
 )
 from cnc_backend.errors import StoreUnavailable
 from cnc_backend.schema import DEAD_LETTER_RAW_LIMIT, migrate
+from cnc_common.coverage import KIND_LOST, KIND_REDUCED, LIVE, Span
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +53,47 @@ NO_RESPONSE_MARGIN = 5.0
 _CREATE_STAGING = """
     CREATE TEMP TABLE IF NOT EXISTS readings_staging (
         id text, machine_id text, boot_id text, seq bigint, ts timestamptz,
-        status text, fields jsonb, errors jsonb
+        status text, fields jsonb, errors jsonb, delivery text, condition text,
+        host_boot text, mono double precision, clock_synced boolean,
+        ctrl_ts timestamptz, event_ts timestamptz, reanchored boolean
     ) ON COMMIT DELETE ROWS
 """
-_COLUMNS = "id, machine_id, boot_id, seq, ts, status, fields, errors"
+_COLUMNS = (
+    "id, machine_id, boot_id, seq, ts, status, fields, errors, delivery, "
+    "condition, host_boot, mono, clock_synced, ctrl_ts, event_ts, reanchored"
+)
+#: What the ledger needs of each inserted reading (see ledger.Inserted).
+_RETURNING = "RETURNING machine_id, boot_id, seq, event_ts, delivery, condition, host_boot, reanchored"
 _COPY_STAGING = f"COPY readings_staging ({_COLUMNS}) FROM STDIN"
 _MERGE_STAGING = f"""
     INSERT INTO readings ({_COLUMNS})
     SELECT {_COLUMNS} FROM readings_staging
     ON CONFLICT DO NOTHING
+    {_RETURNING}
 """
 _INSERT_ONE = f"""
     INSERT INTO readings ({_COLUMNS})
-    VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)
+    VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s,
+            %s, %s)
+    ON CONFLICT DO NOTHING
+    {_RETURNING}
+"""
+_INSERT_REDUCED = """
+    INSERT INTO readings_reduced
+        (machine_id, boot_id, seq_start, seq_end, count, ts_start, ts_end, stats, last)
+    VALUES %s
+    ON CONFLICT DO NOTHING
+    RETURNING machine_id, boot_id, seq_start, seq_end, ts_start, ts_end
+"""
+_INSERT_LOSSES = """
+    INSERT INTO loss_reports
+        (machine_id, boot_id, seq_start, seq_end, reason, ts_start, ts_end, detail)
+    VALUES %s
     ON CONFLICT DO NOTHING
 """
-# COPY text format: backslash, tab, newline and carriage return are escaped.
+# COPY text format: backslash, tab, newline and carriage return are escaped,
+# and \N is NULL.
+_COPY_NULL = "\\N"
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 _INSERT_DEAD_LETTERS = """
@@ -103,8 +130,16 @@ class ReadingRow:
     fields_json: str
     errors_json: str
     origin: Origin = field(repr=False, compare=False)
+    delivery: str = LIVE
+    condition: str = "ok"
+    host_boot: str = ""
+    mono: float | None = None
+    clock_synced: bool = True
+    ctrl_ts: datetime | None = None
 
-    def values(self) -> tuple[Any, ...]:
+    def values(
+        self, event_ts: datetime | None = None, reanchored: bool = False
+    ) -> tuple[Any, ...]:
         return (
             self.id,
             self.machine_id,
@@ -114,9 +149,19 @@ class ReadingRow:
             self.status,
             self.fields_json,
             self.errors_json,
+            self.delivery,
+            self.condition,
+            self.host_boot,
+            self.mono,
+            self.clock_synced,
+            self.ctrl_ts,
+            event_ts or self.ts,
+            reanchored,
         )
 
-    def copy_line(self) -> str:
+    def copy_line(
+        self, event_ts: datetime | None = None, reanchored: bool = False
+    ) -> str:
         """Return the row as one line of COPY text format."""
         values = (
             self.id,
@@ -127,8 +172,88 @@ class ReadingRow:
             self.status,
             self.fields_json,
             self.errors_json,
+            self.delivery,
+            self.condition,
+            self.host_boot,
+            _COPY_NULL if self.mono is None else repr(self.mono),
+            "t" if self.clock_synced else "f",
+            _COPY_NULL if self.ctrl_ts is None else self.ctrl_ts.isoformat(),
+            (event_ts or self.ts).isoformat(),
+            "t" if reanchored else "f",
         )
-        return "\t".join(value.translate(_COPY_ESCAPES) for value in values) + "\n"
+        return (
+            "\t".join(
+                value if value is _COPY_NULL else value.translate(_COPY_ESCAPES)
+                for value in values
+            )
+            + "\n"
+        )
+
+
+@dataclass(frozen=True)
+class ReducedRow:
+    """A reduced record: continuous values of a run of readings, summarised."""
+
+    machine_id: str
+    boot_id: str
+    seq_start: int
+    seq_end: int
+    count: int
+    ts_start: datetime
+    ts_end: datetime
+    stats_json: str
+    last_json: str
+    origin: Origin = field(repr=False, compare=False)
+
+    def values(self) -> tuple[Any, ...]:
+        return (
+            self.machine_id,
+            self.boot_id,
+            self.seq_start,
+            self.seq_end,
+            self.count,
+            self.ts_start,
+            self.ts_end,
+            self.stats_json,
+            self.last_json,
+        )
+
+
+@dataclass(frozen=True)
+class LossRow:
+    """A loss report from an edge agent."""
+
+    machine_id: str
+    boot_id: str
+    seq_start: int
+    seq_end: int
+    reason: str
+    ts_start: datetime | None
+    ts_end: datetime | None
+    detail: str
+    origin: Origin = field(repr=False, compare=False)
+
+    def values(self) -> tuple[Any, ...]:
+        return (
+            self.machine_id,
+            self.boot_id,
+            self.seq_start,
+            self.seq_end,
+            self.reason,
+            self.ts_start,
+            self.ts_end,
+            self.detail.replace("\x00", "\\x00"),
+        )
+
+    def span(self) -> Span:
+        return Span(
+            self.seq_start,
+            self.seq_end,
+            KIND_LOST,
+            self.reason,
+            self.ts_start,
+            self.ts_end,
+        )
 
 
 @dataclass(frozen=True)
@@ -165,6 +290,9 @@ class WriteResult:
     duplicates: int
     dead_lettered: int
     rejected: tuple[int, ...] = ()
+    #: Per machine: reduced records inserted, readings re-anchored.
+    reduced_by_machine: dict[str, int] = field(default_factory=dict)
+    reanchored_by_machine: dict[str, int] = field(default_factory=dict)
 
 
 class _WatchedConnection(Connection):
@@ -258,6 +386,13 @@ class Store:
         self._watched: _WatchedConnection | None = None
         self._watch_socket: socket.socket | None = None
         self._aborted_after: float | None = None
+        #: Clock anchors cached for the worker thread (see ledger.Anchors).
+        self.anchors = ledger.Anchors()
+        self._fresh_anchors: dict[tuple[str, str], tuple[float, datetime]] = {}
+        self._new_anchor_keys: set[tuple[str, str]] = set()
+        #: Seconds of LOST coverage per machine, as of the last commit.
+        self.lost_seconds: dict[str, float] = {}
+        self._lost_pending: dict[str, float] = {}
 
     @property
     def connected(self) -> bool:
@@ -273,6 +408,7 @@ class Store:
             migrate(conn)
             with conn, conn.cursor() as cur:
                 cur.execute(_CREATE_STAGING)
+                self.lost_seconds = ledger.lost_seconds(cur)
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
             problem = self._failure("migration failed")
             self._unwatch()
@@ -288,6 +424,7 @@ class Store:
     def close(self) -> None:
         """Close the connection; safe to call when it is already gone."""
         conn, self._conn = self._conn, None
+        self.anchors.forget()
         self._unwatch()
         if conn is None:
             return
@@ -341,17 +478,24 @@ class Store:
         return f"no response after {self._aborted_after:.1f} s, connection dropped"
 
     def write_batch(
-        self, rows: list[ReadingRow], dead_letters: list[DeadLetter]
+        self,
+        rows: list[ReadingRow],
+        dead_letters: list[DeadLetter],
+        reduced: list[ReducedRow] | None = None,
+        losses: list[LossRow] | None = None,
     ) -> WriteResult:
-        """Insert readings and dead letters in one transaction.
+        """Insert readings, reduced records, loss reports and dead letters.
 
-        Readings already stored are skipped and counted as duplicates, so a
-        redelivered batch can be written again safely.
+        One transaction stores them and merges their spans into the
+        coverage ledger. Readings already stored are skipped and counted as
+        duplicates, so a redelivered batch can be written again safely.
         """
         self.connect()
         assert self._conn is not None
         try:
-            return self._write(self._conn, rows, dead_letters)
+            return self._write(
+                self._conn, rows, dead_letters, reduced or [], losses or []
+            )
         except psycopg2.Error as exc:
             # Covers OperationalError (lost connection, statement_timeout),
             # InterfaceError and anything unexpected such as a dropped table.
@@ -365,64 +509,204 @@ class Store:
             raise StoreUnavailable(self.target, problem, exc) from exc
 
     def _write(
-        self, conn: Connection, rows: list[ReadingRow], dead_letters: list[DeadLetter]
+        self,
+        conn: Connection,
+        rows: list[ReadingRow],
+        dead_letters: list[DeadLetter],
+        reduced: list[ReducedRow],
+        losses: list[LossRow],
     ) -> WriteResult:
         try:
             with conn, conn.cursor() as cur:
-                inserted = _insert_readings(cur, rows)
+                times = self._event_times(cur, rows)
+                inserted = _insert_readings(cur, rows, times)
+                result = self._finish(cur, inserted, reduced, losses)
                 _insert_dead_letters(cur, dead_letters)
-            return WriteResult(inserted, len(rows) - inserted, len(dead_letters))
+            self._commit_lost_seconds()
+            return WriteResult(
+                len(inserted),
+                len(rows) - len(inserted),
+                len(dead_letters),
+                reduced_by_machine=result[0],
+                reanchored_by_machine=result[1],
+            )
         except (psycopg2.DataError, psycopg2.IntegrityError, ValueError) as exc:
             # One bad value fails the whole multi-row INSERT. Write row by row
             # to find it, so that one reading cannot block its batch forever.
+            self.anchors.forget()
+            self._lost_pending = {}
             log.warning(
                 "write failed: batch of %d readings (%s); retrying row by row",
                 len(rows),
                 str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
             )
         with conn, conn.cursor() as cur:
-            inserted, rejected = _insert_rows_one_by_one(cur, rows)
+            times = self._event_times(cur, rows)
+            inserted, rejected = _insert_rows_one_by_one(cur, rows, times)
+            result = self._finish(cur, inserted, reduced, losses)
             extra = [
                 DeadLetter(rows[index].origin, REJECTED_BY_DATABASE, detail)
                 for index, detail in rejected
             ]
             _insert_dead_letters(cur, dead_letters + extra)
+        self._commit_lost_seconds()
         positions = tuple(index for index, _ in rejected)
-        duplicates = len(rows) - inserted - len(rejected)
+        duplicates = len(rows) - len(inserted) - len(rejected)
         return WriteResult(
-            inserted, duplicates, len(dead_letters) + len(extra), positions
+            len(inserted),
+            duplicates,
+            len(dead_letters) + len(extra),
+            positions,
+            reduced_by_machine=result[0],
+            reanchored_by_machine=result[1],
         )
 
+    def _commit_lost_seconds(self) -> None:
+        """Publish the LOST seconds computed inside a committed transaction."""
+        if self._lost_pending:
+            self.lost_seconds = {**self.lost_seconds, **self._lost_pending}
+            self._lost_pending = {}
 
-def _insert_readings(cur: Cursor, rows: list[ReadingRow]) -> int:
-    """Insert through the staging table; return how many rows were new."""
+    def _event_times(
+        self, cur: Cursor, rows: list[ReadingRow]
+    ) -> list[tuple[datetime, bool]]:
+        """Return (event time, re-anchored) for each row.
+
+        A synchronised reading's event time is its wall time, and it updates
+        the anchor of its host boot. A reading recorded without a
+        synchronised clock is placed by its monotonic time and the anchor,
+        when one is known.
+        """
+        fresh: dict[tuple[str, str], tuple[float, datetime]] = {}
+        waiting: set[tuple[str, str]] = set()
+        for row in rows:
+            if not row.host_boot or row.mono is None:
+                continue
+            key = (row.machine_id, row.host_boot)
+            if row.clock_synced:
+                if key not in fresh or fresh[key][1] <= row.ts:
+                    fresh[key] = (ledger.offset_of(row.ts, row.mono), row.ts)
+            else:
+                waiting.add(key)
+        known = self.anchors.lookup(cur, waiting | set(fresh)) if rows else {}
+        self._new_anchor_keys = {key for key in fresh if key not in known}
+        self._fresh_anchors = fresh
+        offsets = dict(known)
+        offsets.update({key: offset for key, (offset, _) in fresh.items()})
+        times = []
+        for row in rows:
+            key = (row.machine_id, row.host_boot)
+            if (
+                not row.clock_synced
+                and row.mono is not None
+                and row.host_boot
+                and key in offsets
+            ):
+                times.append((ledger.anchored(row.mono, offsets[key]), True))
+            else:
+                times.append((row.ts, False))
+        return times
+
+    def _finish(
+        self,
+        cur: Cursor,
+        inserted: list[ledger.Inserted],
+        reduced: list[ReducedRow],
+        losses: list[LossRow],
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """Store the rest of a batch and update the ledger and anchors.
+
+        Return the reduced records inserted and the readings re-anchored,
+        per machine.
+        """
+        reduced_spans = _insert_reduced(cur, reduced)
+        if losses:
+            execute_values(
+                cur,
+                _INSERT_LOSSES,
+                [loss.values() for loss in losses],
+                page_size=len(losses),
+            )
+        lost_changed = ledger.update(
+            cur,
+            inserted,
+            reduced_spans,
+            [(loss.machine_id, loss.boot_id, loss.span()) for loss in losses],
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for row in inserted:
+            if row.reanchored:
+                key = (row.machine_id, row.host_boot)
+                counts[key] = counts.get(key, 0) + 1
+        self.anchors.store(cur, self._fresh_anchors)
+        for (machine, host_boot), count in sorted(counts.items()):
+            ledger.record_reanchor(cur, machine, host_boot, count)
+        for key, count in ledger.reanchor_stored(cur, sorted(self._new_anchor_keys)):
+            counts[key] = counts.get(key, 0) + count
+        reanchored: dict[str, int] = {}
+        for (machine, _), count in counts.items():
+            reanchored[machine] = reanchored.get(machine, 0) + count
+        by_machine: dict[str, int] = {}
+        for machine, _, _ in reduced_spans:
+            by_machine[machine] = by_machine.get(machine, 0) + 1
+        if lost_changed:
+            self._lost_pending = ledger.lost_seconds(cur, sorted(lost_changed))
+        return by_machine, reanchored
+
+
+def _inserted(rows: list[tuple[Any, ...]]) -> list[ledger.Inserted]:
+    return [ledger.Inserted(*row) for row in rows]
+
+
+def _insert_readings(
+    cur: Cursor, rows: list[ReadingRow], times: list[tuple[datetime, bool]]
+) -> list[ledger.Inserted]:
+    """Insert through the staging table; return the rows that were new."""
     if not rows:
-        return 0
+        return []
     buffer = io.StringIO()
-    for row in rows:
-        buffer.write(row.copy_line())
+    for row, (event_ts, reanchored) in zip(rows, times, strict=True):
+        buffer.write(row.copy_line(event_ts, reanchored))
     buffer.seek(0)
     cur.copy_expert(_COPY_STAGING, buffer)
     cur.execute(_MERGE_STAGING)
-    return cur.rowcount
+    return _inserted(cur.fetchall())
 
 
 def _insert_rows_one_by_one(
-    cur: Cursor, rows: list[ReadingRow]
-) -> tuple[int, list[tuple[int, str]]]:
-    inserted = 0
+    cur: Cursor, rows: list[ReadingRow], times: list[tuple[datetime, bool]]
+) -> tuple[list[ledger.Inserted], list[tuple[int, str]]]:
+    inserted: list[ledger.Inserted] = []
     rejected: list[tuple[int, str]] = []
     for index, row in enumerate(rows):
         cur.execute("SAVEPOINT one_reading")
         try:
-            cur.execute(_INSERT_ONE, row.values())
+            cur.execute(_INSERT_ONE, row.values(*times[index]))
         except (psycopg2.DataError, psycopg2.IntegrityError, ValueError) as exc:
             cur.execute("ROLLBACK TO SAVEPOINT one_reading")
             rejected.append((index, str(exc).strip() or type(exc).__name__))
             continue
-        inserted += cur.rowcount
+        inserted.extend(_inserted(cur.fetchall()))
         cur.execute("RELEASE SAVEPOINT one_reading")
     return inserted, rejected
+
+
+def _insert_reduced(
+    cur: Cursor, reduced: list[ReducedRow]
+) -> list[tuple[str, str, Span]]:
+    if not reduced:
+        return []
+    stored = execute_values(
+        cur,
+        _INSERT_REDUCED,
+        [record.values() for record in reduced],
+        page_size=len(reduced),
+        fetch=True,
+    )
+    return [
+        (machine, boot, Span(start, end, KIND_REDUCED, "", ts_start, ts_end))
+        for machine, boot, start, end, ts_start, ts_end in stored
+    ]
 
 
 def _insert_dead_letters(cur: Cursor, dead_letters: list[DeadLetter]) -> None:
