@@ -5,9 +5,12 @@ Starts a simulated Haas controller, an edge agent and a backend (and, unless
 free loopback ports), takes the broker down and back up once, stops everything in order
 and checks the database against every reading id the poller produced.
 
-The last line printed is JSON:
-``{"polled": P, "stored": S, "missing": M, "duplicates": D, "outages": O}``;
-the exit status is 1 when anything is missing or duplicated.
+Before it, a line gives the share of the run's time per coverage kind from
+the backend's ledger (LIVE, BACKFILLED, LOST with its reason; see
+docs/COVERAGE.md). The last line printed is JSON:
+``{"polled": P, "stored": S, "missing": M, "duplicates": D, "outages": O,
+"coverage": {"LIVE": percent, ...}}``; the exit status is 1 when anything
+is missing or duplicated.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ import nats
 import orjson
 import psycopg2
 
+from cnc_backend import ledger
 from cnc_common.embedded import NatsServer, PostgresServer, die_with_parent
 
 
@@ -76,6 +81,7 @@ class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.started = time.monotonic()
+        self.started_wall = time.time()
         if args.workdir:
             self.workdir = Path(args.workdir).resolve()
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -347,7 +353,7 @@ listen = "127.0.0.1:0"
             process.wait()
         self.say(f"{name} stopped (exit status {process.returncode})")
 
-    def verdict(self, pg_dsn: str) -> dict[str, int]:
+    def verdict(self, pg_dsn: str) -> dict[str, Any]:
         polled = self.polled()
         with contextlib.closing(psycopg2.connect(pg_dsn, connect_timeout=5)) as conn:
             with conn.cursor() as cur:
@@ -355,13 +361,23 @@ listen = "127.0.0.1:0"
                     "SELECT id FROM readings WHERE machine_id = %s", (self.machine,)
                 )
                 stored_ids = [row[0] for row in cur.fetchall()]
+                since = datetime.fromtimestamp(self.started_wall, UTC)
+                spans = ledger.coverage(cur, self.machine, since)
         stored = set(stored_ids)
+        shares = ledger.summary(spans)
+        self.say(
+            "coverage: "
+            + (", ".join(f"{k} {v:.1f}%" for k, v in shares.items()) or "none")
+            + f" ({len(spans)} spans; cnc-backend coverage --machine {self.machine}"
+            " lists them)"
+        )
         return {
             "polled": len(polled),
             "stored": len(stored_ids),
             "missing": len(set(polled) - stored),
             "duplicates": len(stored_ids) - len(stored),
             "outages": self.outages,
+            "coverage": {key: round(value, 1) for key, value in shares.items()},
         }
 
     def cleanup(self) -> None:

@@ -37,6 +37,11 @@ def test_demo_with_outage_stores_everything_once() -> None:
     assert verdict["stored"] == verdict["polled"]
     assert "edge OFFLINE" in output
     assert "edge synced" in output
+    # The ledger saw the outage as backfilled, not lost.
+    coverage = verdict["coverage"]
+    assert coverage["LIVE"] > 0 and coverage["BACKFILLED"] > 0, coverage
+    assert not [kind for kind in coverage if kind.startswith(("LOST", "GAP"))]
+    assert "coverage: " in output
 
 
 def test_demo_on_external_servers_leaves_their_streams_alone(
