@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 import orjson
@@ -32,6 +33,23 @@ Status = Literal["ok", "partial", "error"]
 _STATUSES = ("ok", "partial", "error")
 
 
+class Condition(StrEnum):
+    """What the poller could see of the controller in one cycle."""
+
+    #: Every command answered in time (garbled or UNKNOWN answers included).
+    OK = "ok"
+    #: Some commands answered, and at least one other timed out or came late.
+    CONTROLLER_BUSY = "controller_busy"
+    #: The port is open, but no command got a single byte back.
+    CONTROLLER_OFF = "controller_off"
+    #: The port could not be opened or failed during the cycle.
+    LINK_DOWN = "link_down"
+
+
+#: The values of a reading's ``condition``.
+CONDITIONS = tuple(condition.value for condition in Condition)
+
+
 def new_boot_id() -> str:
     """Return a fresh boot id (128 random bits as 32 hex digits)."""
     return uuid.uuid4().hex
@@ -47,6 +65,12 @@ def utc_now_iso() -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def utc_iso(timestamp: float) -> str:
+    """Format a Unix time as ``utc_now_iso`` does."""
+    when = datetime.fromtimestamp(timestamp, UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def make_reading(
     *,
     machine: str,
@@ -56,8 +80,19 @@ def make_reading(
     mono: float,
     fields: dict[str, Any],
     errors: dict[str, str],
+    host_boot: str = "",
+    clock_synced: bool = True,
+    ctrl_ts: str | None = None,
+    condition: Condition | str = Condition.OK,
 ) -> dict[str, Any]:
-    """Build a reading; ``status`` follows from which commands failed."""
+    """Build a reading; ``status`` follows from which commands failed.
+
+    ``host_boot`` is the host's boot id (the epoch of ``mono``),
+    ``clock_synced`` whether the host clock was synchronised at ``ts``,
+    ``ctrl_ts`` the controller's own clock and ``condition`` what the poller
+    could see of the controller. The defaults are the values the backend
+    assumes for a reading that lacks these keys.
+    """
     if not errors:
         status: Status = "ok"
     elif fields:
@@ -75,6 +110,10 @@ def make_reading(
         "status": status,
         "fields": fields,
         "errors": errors,
+        "host_boot": host_boot,
+        "clock_synced": clock_synced,
+        "ctrl_ts": ctrl_ts,
+        "condition": str(Condition(condition)),
     }
 
 
@@ -96,7 +135,12 @@ def decode(payload: bytes) -> dict[str, Any]:
 
 
 def validate(data: Any) -> dict[str, Any]:
-    """Check the layout and types of a decoded reading and return it."""
+    """Check the layout and types of a decoded reading and return it.
+
+    ``host_boot``, ``clock_synced``, ``ctrl_ts`` and ``condition`` are checked
+    only when present, because readings journaled by earlier versions lack
+    them.
+    """
     if not isinstance(data, dict):
         raise InvalidReading(
             "schema", f"expected a JSON object, got {type(data).__name__}"
@@ -119,13 +163,34 @@ def validate(data: Any) -> dict[str, Any]:
         raise InvalidReading("schema", f"id {data['id']!r} does not match boot and seq")
     if data["status"] not in _STATUSES:
         raise InvalidReading("schema", f"invalid status {data['status']!r}")
-    try:
-        parsed = datetime.fromisoformat(data["ts"])
-    except ValueError:
-        raise InvalidReading("schema", f"invalid timestamp {data['ts']!r}") from None
-    if parsed.tzinfo is None:
-        raise InvalidReading("schema", f"timestamp {data['ts']!r} has no time zone")
+    _check_timestamp("timestamp", data["ts"])
+    _check_optional_keys(data)
     return data
+
+
+def _check_optional_keys(data: dict[str, Any]) -> None:
+    if "host_boot" in data:
+        _check_type(data, "host_boot", str)
+    if "clock_synced" in data and not isinstance(data["clock_synced"], bool):
+        raise InvalidReading(
+            "schema", f"clock_synced must be bool, got {data['clock_synced']!r}"
+        )
+    if "ctrl_ts" in data and data["ctrl_ts"] is not None:
+        _check_type(data, "ctrl_ts", str)
+        _check_timestamp("ctrl_ts", data["ctrl_ts"])
+    if "condition" in data:
+        _check_type(data, "condition", str)
+        if data["condition"] not in CONDITIONS:
+            raise InvalidReading("schema", f"invalid condition {data['condition']!r}")
+
+
+def _check_timestamp(name: str, value: str) -> None:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidReading("schema", f"invalid {name} {value!r}") from None
+    if parsed.tzinfo is None:
+        raise InvalidReading("schema", f"{name} {value!r} has no time zone")
 
 
 def _check_type(data: dict[str, Any], key: str, kind: type) -> None:
