@@ -41,6 +41,7 @@ import time
 import tty
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
 from typing import Any
 
 from cnc_edge.haas import (
@@ -74,6 +75,8 @@ TOOLS = (1, 4, 7, 12, 15)
 #: Macro variables with a simulated value. Any other variable from 1 to 99999
 #: has the value 0.
 MACRO_VARIABLES = {
+    3011: "date of the control's clock (YYYYMMDD)",
+    3012: "time of day of the control's clock (HHMMSS)",
     3027: "spindle speed (rpm)",
     3901: "M30 count #1",
     5021: "machine position X",
@@ -105,7 +108,13 @@ class MachineModel:
         unsupported_commands: Iterable[str] = (),
         name: str = "sim",
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        clock_skew: float = 0.0,
+        time_zone: tzinfo | None = None,
     ) -> None:
+        """``wall_clock`` plus ``clock_skew`` seconds is the control's own
+        clock (#3011 and #3012), shown in ``time_zone`` (None: the host's
+        local zone). ``clock`` paces the machine's state."""
         if cycle_seconds <= 0:
             raise ValueError(f"cycle_seconds must be positive, got {cycle_seconds!r}")
         if pace <= 0:
@@ -118,6 +127,9 @@ class MachineModel:
         self.unsupported_commands = frozenset(unsupported_commands)
         self._rng = random.Random(seed)
         self._clock = clock
+        self._wall_clock = wall_clock
+        self.clock_skew = clock_skew
+        self.time_zone = time_zone
         self._lock = threading.Lock()
 
         self.serial_number = str(self._rng.randint(1_000_000, 1_999_999))
@@ -273,6 +285,13 @@ class MachineModel:
 
     def macro_value(self, variable: int) -> float:
         """Return the value of a macro variable (positions in mm)."""
+        if variable in (3011, 3012):
+            now = datetime.fromtimestamp(
+                self._wall_clock() + self.clock_skew, self.time_zone
+            )
+            if variable == 3011:
+                return float(now.year * 10000 + now.month * 100 + now.day)
+            return float(now.hour * 10000 + now.minute * 100 + now.second)
         if variable == 3027:
             running = self.state is MachineState.RUNNING
             return float(2000 + 400 * self.tool) if running else 0.0
@@ -320,6 +339,9 @@ class Fault(enum.Enum):
     STALE_ECHO = "stale_echo"  # the answer to an earlier, different query
     DISCONNECT = "disconnect"  # the connection or pty is closed
     NOISE = "noise"  # DC2, DC4, XON and XOFF inserted anywhere
+    # No byte at all to any query until clear_faults() or power_on(), or for
+    # `seconds` when given: a powered-off control or a cable cut at its end.
+    POWER_OFF = "power_off"
 
 
 #: Faults drawn by ``fault_rate``. DISCONNECT is left out because a pty does
@@ -353,6 +375,8 @@ class _InjectedFault:
     fault: Fault
     remaining: int
     seconds: float
+    #: Only answers to this command get the fault; None means every command.
+    command: str | None = None
 
 
 class HaasProtocol:
@@ -382,30 +406,77 @@ class HaasProtocol:
         self._discarding = False  # skipping the rest of an overlong line
         self._first_query = True
         self._previous: tuple[str, str] | None = None  # (command, answer text)
+        #: Monotonic time at which a power_off fault ends (inf: until cleared).
+        self._powered_off_until: float | None = None
 
     def inject(self, fault: Fault | str, count: int = 1, **options: Any) -> None:
         """Apply ``fault`` to the next ``count`` answers, after earlier injections.
 
         ``trickle`` takes ``seconds``, the time over which one reply is spread.
+        ``command`` (such as ``Q500``) limits the fault to answers to that
+        command, so that a control can answer some commands and not others:
+        ``inject("ignore", 1000, command="Q500")`` models a busy control.
+        ``power_off`` ignores ``count`` and ``command``: the control sends
+        nothing until ``clear_faults()`` or ``power_on()``, or for ``seconds``
+        when that is given.
 
         Raises:
-            ValueError: unknown fault, count below 1 or an unknown option.
+            ValueError: unknown fault, count below 1, an invalid command or an
+                unknown option.
         """
         kind = Fault(fault)
         if count < 1:
             raise ValueError(f"fault count must be at least 1, got {count!r}")
-        seconds = float(options.pop("seconds", DEFAULT_TRICKLE_SECONDS))
+        seconds_option = options.pop("seconds", None)
+        seconds = float(
+            DEFAULT_TRICKLE_SECONDS if seconds_option is None else seconds_option
+        )
+        command = options.pop("command", None)
         if options:
             raise ValueError(f"unknown fault options: {', '.join(sorted(options))}")
         if seconds < 0:
-            raise ValueError(f"trickle seconds must not be negative, got {seconds!r}")
+            raise ValueError(f"fault seconds must not be negative, got {seconds!r}")
+        if kind is Fault.POWER_OFF:
+            self.power_off(None if seconds_option is None else seconds)
+            return
+        if command is not None:
+            command = validate_command(str(command))
         with self._lock:
-            self._faults.append(_InjectedFault(kind, count, seconds))
-        logger.info("fault injected: %s x%d", kind.value, count)
+            self._faults.append(_InjectedFault(kind, count, seconds, command))
+        logger.info("fault injected: %s x%d (%s)", kind.value, count, command or "any")
+
+    def power_off(self, seconds: float | None = None) -> None:
+        """Send no byte to any query, for ``seconds`` or until ``power_on()``."""
+        with self._lock:
+            until = math.inf if seconds is None else time.monotonic() + seconds
+            self._powered_off_until = until
+        logger.info(
+            "power off: %s (%s)",
+            self.machine.name,
+            "until power on" if seconds is None else f"for {seconds:g} s",
+        )
+
+    def power_on(self) -> None:
+        """End a ``power_off`` fault."""
+        with self._lock:
+            was_off = self._powered_off_until is not None
+            self._powered_off_until = None
+        if was_off:
+            logger.info("power on: %s", self.machine.name)
+
+    @property
+    def powered_off(self) -> bool:
+        with self._lock:
+            until = self._powered_off_until
+            if until is not None and time.monotonic() >= until:
+                self._powered_off_until = until = None
+        return until is not None
 
     def clear_faults(self) -> None:
+        """Drop every injected fault, a power_off included."""
         with self._lock:
             self._faults.clear()
+        self.power_on()
 
     def connection_made(self) -> None:
         """Start a new connection: drop a partial query, arm the ignored first one."""
@@ -435,6 +506,9 @@ class HaasProtocol:
     def reply_to(self, line: str) -> Reply:
         """Build the reply to one query line such as ``?Q500``."""
         logger.debug("query: %s %r", self.machine.name, line)
+        if self.powered_off:
+            logger.debug("query unanswered: %s %r (power off)", self.machine.name, line)
+            return Reply()
         if self.ignore_first_query and self._first_query:
             self._first_query = False
             logger.info("query ignored: %s %r (first query)", self.machine.name, line)
@@ -442,7 +516,7 @@ class HaasProtocol:
         self._first_query = False
 
         command, text = self._answer(line)
-        fault = self._next_fault()
+        fault = self._next_fault(command)
         if fault is not None and fault.fault is Fault.STALE_ECHO:
             text = self._stale_text(command)
         elif command is not None:
@@ -458,13 +532,14 @@ class HaasProtocol:
             return None, "UNKNOWN"
         return command, self.machine.answer(command)
 
-    def _next_fault(self) -> _InjectedFault | None:
+    def _next_fault(self, command: str | None) -> _InjectedFault | None:
         with self._lock:
-            if self._faults:
-                fault = self._faults[0]
+            for fault in self._faults:
+                if fault.command is not None and fault.command != command:
+                    continue
                 fault.remaining -= 1
                 if fault.remaining <= 0:
-                    self._faults.popleft()
+                    self._faults.remove(fault)
                 return fault
         if self.fault_rate and self._rng.random() < self.fault_rate:
             return _InjectedFault(self._rng.choice(RANDOM_FAULTS), 1, 1.0)
@@ -923,7 +998,8 @@ class _ControlServer(socketserver.ThreadingTCPServer):
         faults = " ".join(fault.value for fault in Fault)
         return (
             f"error: unknown command {line!r}; expected 'fault KIND [COUNT] "
-            f"[seconds=S]' (KIND: {faults}), 'clear', 'url' or 'reconnect' (pty)"
+            f"[seconds=S] [command=Q500]' (KIND: {faults}), 'clear', 'url' or "
+            "'reconnect' (pty)"
         )
 
 
@@ -978,6 +1054,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, help="random seed for a repeatable run")
     parser.add_argument(
+        "--clock-skew",
+        type=float,
+        default=0.0,
+        help="seconds the control's clock (#3011, #3012) runs ahead of the host's",
+    )
+    parser.add_argument(
         "--cycle-seconds",
         type=float,
         default=60.0,
@@ -1017,7 +1099,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level, "text", role="cnc-sim")
     try:
         machine = MachineModel(
-            seed=args.seed, cycle_seconds=args.cycle_seconds, pace=args.pace
+            seed=args.seed,
+            cycle_seconds=args.cycle_seconds,
+            pace=args.pace,
+            clock_skew=args.clock_skew,
         )
         protocol = HaasProtocol(
             machine,

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import serial
@@ -139,6 +140,19 @@ def test_machine_macros():
     assert field(machine, "Q600 100") == {"macros": {"100": 0.0}}
 
 
+def test_machine_clock_macros_with_skew():
+    # 2026-12-04 23:59:30 UTC, shown with a 45 s skew in UTC+09:00.
+    wall = datetime(2026, 12, 4, 23, 59, 30, tzinfo=UTC).timestamp()
+    machine = make_machine(
+        FakeClock(),
+        wall_clock=lambda: wall,
+        clock_skew=45.0,
+        time_zone=timezone(timedelta(hours=9)),
+    )
+    assert field(machine, "Q600 3011") == {"macros": {"3011": 20261205.0}}
+    assert field(machine, "Q600 3012") == {"macros": {"3012": 90015.0}}
+
+
 def test_machine_unsupported_command_is_unknown():
     machine = make_machine(FakeClock(), unsupported_commands={"Q303"})
     assert machine.answer("Q303") == "UNKNOWN"
@@ -228,6 +242,46 @@ def test_protocol_faults_apply_in_order():
     assert not protocol.receive(b"?Q100\r\n")[0].disconnect
 
 
+def test_protocol_fault_limited_to_command():
+    protocol = make_protocol()
+    protocol.inject("ignore", count=2, command="q500")
+    assert reply_bytes(protocol, b"?Q100\r\n") != b""
+    assert reply_bytes(protocol, b"?Q500\r\n") == b""
+    assert reply_bytes(protocol, b"?Q104\r\n") != b""
+    assert reply_bytes(protocol, b"?Q500\r\n") == b""
+    assert reply_bytes(protocol, b"?Q500\r\n") != b""
+
+
+def test_protocol_power_off_until_power_on():
+    protocol = make_protocol()
+    protocol.inject("power_off")
+    assert protocol.powered_off
+    for line in (b"?Q100\r\n", b"?Q500\r\n", b"?Q600 3011\r\n", b"?X\r\n"):
+        replies = protocol.receive(line)
+        assert len(replies) == 1
+        assert replies[0].chunks == []
+        assert not replies[0].disconnect
+    protocol.power_on()
+    assert reply_bytes(protocol, b"?Q100\r\n").startswith(b"\x02SERIAL NUMBER")
+
+
+def test_protocol_power_off_ends_after_seconds():
+    protocol = make_protocol()
+    protocol.inject("power_off", seconds=0.2)
+    assert reply_bytes(protocol, b"?Q100\r\n") == b""
+    time.sleep(0.3)
+    assert not protocol.powered_off
+    assert reply_bytes(protocol, b"?Q100\r\n") != b""
+
+
+def test_protocol_clear_faults_powers_on():
+    protocol = make_protocol()
+    protocol.inject("power_off")
+    protocol.inject("ignore", count=5)
+    protocol.clear_faults()
+    assert reply_bytes(protocol, b"?Q100\r\n") != b""
+
+
 def test_protocol_trickle_spreads_bytes():
     protocol = make_protocol()
     protocol.inject("trickle", seconds=2.0)
@@ -309,6 +363,7 @@ def test_protocol_overlong_line_discarded():
         ("trickle", 0, {}, "at least 1"),
         ("trickle", 1, {"speed": 3}, "unknown fault options"),
         ("trickle", 1, {"seconds": -1}, "must not be negative"),
+        ("ignore", 1, {"command": "Q999"}, "unsupported Haas query"),
     ],
 )
 def test_protocol_inject_rejects(fault, count, options, message):
