@@ -400,10 +400,18 @@ STOPPED = "stopped"
 
 @dataclass
 class PollResult:
-    """Outcome of one poll: typed fields and, per failed command, an error kind."""
+    """Outcome of one poll: typed fields and, per failed command, an error kind.
+
+    ``sent`` lists the commands sent, and ``silent`` those of them to which
+    not a single byte came back before the deadline. Flow-control bytes and
+    the CR LF ``>`` of an earlier answer count as bytes here, because any
+    byte shows that the controller is powered.
+    """
 
     fields: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    sent: list[str] = field(default_factory=list)
+    silent: list[str] = field(default_factory=list)
 
 
 class HaasClient:
@@ -426,6 +434,8 @@ class HaasClient:
         self._query_timeout = query_timeout
         self._clock = clock
         self._name = str(getattr(port, "port", None) or port)
+        #: Bytes read from the port since the last query was sent.
+        self.received_bytes = 0
 
     def prime(self) -> bool:
         """Send ``?Q100`` once and return whether the control answered.
@@ -465,10 +475,13 @@ class HaasClient:
                 for skipped in commands[position:]:
                     result.errors[skipped] = STOPPED
                 break
+            result.sent.append(command)
             try:
                 fields = self.query(command)
             except AnswerError as exc:
                 result.errors[command] = exc.kind
+                if self.received_bytes == 0:
+                    result.silent.append(command)
                 continue
             macros = fields.pop("macros", None)
             if macros is not None:
@@ -502,6 +515,7 @@ class HaasClient:
         # Input still waiting is a late answer to an earlier query. Bytes that
         # arrive after this reset are handled by the label and echo checks.
         self._link_call(self._port.reset_input_buffer)
+        self.received_bytes = 0
         query = encode_query(command)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("send: %s %r", self._name, query)
@@ -527,6 +541,7 @@ class HaasClient:
         waiting = self._link_call(lambda: self._port.in_waiting)
         size = min(max(1, waiting), _READ_CHUNK)
         data = self._link_call(self._port.read, size)
+        self.received_bytes += len(data)
         if data and logger.isEnabledFor(logging.DEBUG):
             logger.debug("receive: %s %r", self._name, data)
         return data

@@ -121,6 +121,27 @@ def test_poll_merges_macros(client):
 
 
 @pytest.mark.timeout(30)
+def test_poll_lists_sent_and_silent_commands(pty_sim, client):
+    pty_sim.inject("ignore", command="Q200")
+    pty_sim.inject("half_then_silence", command="Q201")
+    result = client.poll(["Q100", "Q200", "Q201"])
+    assert result.errors == {"Q200": "timeout", "Q201": "partial"}
+    assert result.sent == ["Q100", "Q200", "Q201"]
+    # A partial answer shows that the controller is powered; silence does not.
+    assert result.silent == ["Q200"]
+
+
+@pytest.mark.timeout(30)
+def test_poll_every_command_silent_when_powered_off(pty_sim, client):
+    pty_sim.protocol.power_off()
+    result = client.poll(["Q100", "Q500"])
+    assert result.silent == ["Q100", "Q500"]
+    assert client.received_bytes == 0
+    pty_sim.protocol.power_on()
+    assert client.poll(["Q100"]).silent == []
+
+
+@pytest.mark.timeout(30)
 def test_half_frame_then_silence_is_partial(pty_sim, client):
     pty_sim.inject("half_then_silence")
     result, elapsed = timed_poll(client, ["Q100"])
