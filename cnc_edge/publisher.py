@@ -6,7 +6,17 @@ It receives batches from the buffer process and sends one result for each:
   ``("failed", [ids], reason)``; every live id gets exactly one answer.
 - ``("replay", token, [(id, payload), ...])`` -> ``("replayed", token, ok, reason)``;
   ``ok`` only when every reading of the batch was acknowledged.
+- ``("control", token, [(msg id, payload), ...])`` -> ``("controlled", token,
+  [acknowledged msg ids], reason)``: loss reports, on the control subject.
+  A failed control publish does not take the link down, because a broker
+  that rejects only this subject (permissions) would otherwise make the
+  agent go OFFLINE and back for ever; the buffer retries with backoff.
 - ``("stop",)`` closes the connection and ends the process.
+
+Every reading carries the header ``Cnc-Delivery``: ``live`` when sent from
+memory while ONLINE, ``backfill`` when replayed from the journal, and
+``backfill-reduced`` for a replayed reduced record (its id starts with
+``reduced-``).
 
 It also sends ``("link", up, reason)`` when its judgement of the link
 changes. The link is judged by real traffic: a publish that gets no PubAck
@@ -32,6 +42,13 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from cnc_common.backoff import Backoff, RateLimitedCounter, not_logged
+from cnc_common.coverage import (
+    BACKFILL,
+    BACKFILL_REDUCED,
+    DELIVERY_HEADER,
+    LIVE,
+    control_subject,
+)
 from cnc_common.natsconn import connect_options, describe_nats_error, is_rejection
 from cnc_edge.config import EdgeConfig
 from cnc_edge.crashpoints import crash_point
@@ -207,10 +224,18 @@ class Publisher:
     async def _publish(
         self, batch: Batch, kind: str = "live"
     ) -> tuple[list[str], list[str], str]:
-        """Publish a batch with pipelined PubAcks; return (acked, failed, reason)."""
+        """Publish a batch with pipelined PubAcks; return (acked, failed, reason).
+
+        ``kind`` is ``live``, ``replay`` or ``control`` (loss reports).
+        """
         if not self.link_up or self.js is None:
             return [], [rid for rid, _ in batch], "offline"
-        subject = self.config.subject
+        if kind == "control":
+            subject = control_subject(
+                self.nats_cfg.subject_prefix, self.config.machine.id
+            )
+        else:
+            subject = self.config.subject
         futures: list[tuple[str, asyncio.Future[Any]]] = []
         failed: list[str] = []
         reason = ""
@@ -221,14 +246,15 @@ class Publisher:
                     subject,
                     payload,
                     wait_stall=self.nats_cfg.ack_timeout,
-                    headers={"Nats-Msg-Id": rid},
+                    headers=message_headers(kind, rid),
                 )
             except Exception as exc:  # noqa: BLE001 - the reading goes back to disk
                 failed.append(rid)
                 reason = reason or type(exc).__name__
                 continue
             futures.append((rid, future))
-            self.metrics.time_ack(kind, future, started)
+            if kind != "control":
+                self.metrics.time_ack(kind, future, started)
         if futures:
             await asyncio.wait(
                 [future for _, future in futures], timeout=self.nats_cfg.ack_timeout
@@ -245,7 +271,7 @@ class Publisher:
                 reason = reason or (type(exc).__name__ if exc else "cancelled")
             else:
                 acked.append(rid)
-        if failed:
+        if failed and kind != "control":
             self._set_link(False, f"publish failed: {reason}")
         return acked, failed, reason
 
@@ -264,6 +290,10 @@ class Publisher:
             acked, failed, reason = await self._publish(batch, "replay")
             self.metrics.record_acked("replay", len(acked))
             self.outbox.put(("replayed", token, not failed, reason, len(acked)))
+        elif kind == "control":
+            token, batch = item[1], item[2]
+            acked, failed, reason = await self._publish(batch, "control")
+            self.outbox.put(("controlled", token, acked, reason))
         elif kind == "stop":
             self._stopping = True
 
@@ -299,6 +329,17 @@ class Publisher:
             loop.call_soon_threadsafe(self._work.put_nowait, item)
             if item[0] == "stop":
                 return
+
+
+def message_headers(kind: str, msg_id: str) -> dict[str, str]:
+    """Return the NATS headers of a message of ``kind`` (live, replay, control)."""
+    headers = {"Nats-Msg-Id": msg_id}
+    if kind == "live":
+        headers[DELIVERY_HEADER] = LIVE
+    elif kind == "replay":
+        reduced = msg_id.startswith("reduced-")
+        headers[DELIVERY_HEADER] = BACKFILL_REDUCED if reduced else BACKFILL
+    return headers
 
 
 def run_publisher(config: EdgeConfig, inbox: Any, outbox: Any) -> None:

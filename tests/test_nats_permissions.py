@@ -18,6 +18,7 @@ from typing import Any
 
 import nats
 import nats.errors
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -25,6 +26,7 @@ from cnc_backend.config import NatsConfig
 from cnc_backend.consumer import JetStreamConsumer
 from cnc_common import config as cfg
 from cnc_common.backoff import Backoff
+from cnc_common.coverage import loss_msg_id, loss_report
 from cnc_common.embedded import NatsServer
 from cnc_common.natsconn import connect_options
 from cnc_common.reading import encode, make_reading, new_boot_id
@@ -133,6 +135,40 @@ async def run_publisher(config: EdgeConfig, batch: list[tuple[str, bytes]]) -> l
         await asyncio.wait_for(task, 10)
 
 
+async def run_control(config: EdgeConfig, batch: list[tuple[str, bytes]]) -> tuple:
+    """Run the edge Publisher until it responds to a batch of loss reports."""
+    inbox: queue.Queue[Any] = queue.Queue()
+    outbox: queue.Queue[Any] = queue.Queue()
+    metrics = PublisherMetrics(config.machine.id, registry=CollectorRegistry())
+    task = asyncio.create_task(Publisher(config, inbox, outbox, metrics).run())
+    sent = False
+    try:
+        for _ in range(300):
+            while not outbox.empty():
+                item = outbox.get_nowait()
+                if item[0] == "controlled":
+                    return item
+                if item[:2] == ("link", True) and not sent:
+                    inbox.put(("control", 1, batch))
+                    sent = True
+            await asyncio.sleep(0.05)
+        raise AssertionError("the publisher sent no result for the loss reports")
+    finally:
+        inbox.put(("stop",))
+        await asyncio.wait_for(task, 10)
+
+
+def loss(machine: str) -> tuple[str, bytes]:
+    report = loss_report(
+        machine=machine,
+        boot=new_boot_id(),
+        seq_start=3,
+        seq_end=7,
+        reason="journal_cap",
+    )
+    return loss_msg_id(report), orjson.dumps(report)
+
+
 async def setup_and_fetch(config: NatsConfig) -> list[bytes]:
     consumer = JetStreamConsumer(config, Backoff(), lambda: None, lambda: None)
     try:
@@ -184,6 +220,40 @@ def test_edge_publishing_as_other_machine_rejected(
     assert asyncio.run(setup_and_fetch(backend)) == []
     server_log = deployment.server.log_file.read_text()
     assert 'Publish Violation - Subject "cnc.readings.haas-st10-01"' in server_log
+
+
+def test_edge_publishes_loss_report_on_own_control_subject(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    backend = backend_config(deployment)
+    asyncio.run(setup_and_fetch(backend))
+    report = loss("haas-vf2-01")
+
+    config = edge_config(deployment, "haas-vf2-01", "haas-vf2-01", tmp_path)
+    answer = asyncio.run(run_control(config, [report]))
+
+    assert answer[2] == [report[0]]
+    assert answer[3] == ""
+
+
+def test_edge_loss_report_as_other_machine_rejected(
+    deployment: Deployment, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    asyncio.run(setup_and_fetch(backend_config(deployment)))
+    forged = loss("haas-st10-01")
+    caplog.set_level(logging.WARNING)
+
+    config = edge_config(deployment, "haas-st10-01", "haas-vf2-01", tmp_path)
+    answer = asyncio.run(run_control(config, [forged]))
+
+    assert answer[2] == []
+    assert 'violation for publish to "cnc.readings.haas-st10-01.control"' in (
+        caplog.text
+    )
+    server_log = deployment.server.log_file.read_text()
+    assert 'Publish Violation - Subject "cnc.readings.haas-st10-01.control"' in (
+        server_log
+    )
 
 
 async def _violations(
