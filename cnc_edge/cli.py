@@ -97,6 +97,7 @@ def disk_status(data_dir: Path) -> dict[str, Any]:
         count_lines,
         oldest_buffered_ts,
     )
+    from cnc_edge.poller import read_last_poll
 
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {data_dir} does not exist")
@@ -125,6 +126,7 @@ def disk_status(data_dir: Path) -> dict[str, Any]:
     status["oldest_buffered_ts"] = oldest
     status["oldest_buffered_age_seconds"] = _age(oldest)
     status["quarantined_lines"] = count_lines(data_dir / QUARANTINE)
+    status["last_poll"] = read_last_poll(data_dir)
     return status
 
 
@@ -171,6 +173,12 @@ def _print_status(data_dir: Path, as_json: bool) -> int:
             f"({status['oldest_buffered_age_seconds']:.0f} s ago)"
         )
     print(f"quarantined:      {status['quarantined_lines']} lines")
+    poll = status["last_poll"]
+    if poll:
+        print(
+            f"controller:       {poll.get('condition', 'unknown')} "
+            f"(last poll seq {poll['seq']} at {poll['ts']})"
+        )
     last = status.get("last_sync")
     if last:
         print(

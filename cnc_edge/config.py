@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cnc_common import config as cfg
 from cnc_common.natsconn import NatsSecurity, check_security
@@ -74,9 +75,25 @@ def _commands(value: list[str]) -> str | None:
     return None if value else "expected at least one command"
 
 
+def _time_zone(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        return (
+            "unknown time zone; expected an IANA name such as Europe/Berlin, "
+            "or an empty string for the host's local zone"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class MachineSection:
     id: str = field(metadata={cfg.CHECK: _machine_id})
+    #: IANA time zone of the controller's clock, for example "Europe/Berlin";
+    #: empty means the host's local zone.
+    time_zone: str = field(default="", metadata={cfg.CHECK: _time_zone})
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,9 @@ class PollSection:
     macros: list[int] = field(default_factory=list)
     #: Append every reading id the poller produces to this file (demo and tests).
     audit_file: str | None = None
+    #: Read the controller's clock (macro variables #3011 date and #3012
+    #: time) every cycle and record it as the reading's ctrl_ts.
+    controller_clock: bool = True
 
 
 @dataclass(frozen=True)

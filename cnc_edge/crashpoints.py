@@ -2,7 +2,8 @@
 
 Set ``CNC_TEST_CRASH_AT=<name>`` (or ``<name>:<n>`` for the n-th time the
 point is reached) in the agent's environment. Production runs never set it;
-the check is one dictionary lookup.
+the check is one dictionary lookup. The host clock has a test seam of its
+own, ``CNC_TEST_CLOCK_FILE`` (see ``hostclock``).
 """
 
 from __future__ import annotations

@@ -3,15 +3,19 @@
 - ``/metrics``: the metrics of all three children, summed from their files.
 - ``/healthz``: 200 while the parent runs.
 - ``/readyz``: 200 when at least one command of the last poll cycle
-  succeeded and that cycle ended recently; 503 with the reason otherwise.
+  succeeded and that cycle ended recently; 503 with the reason otherwise,
+  which names the condition when the serial link is down or the controller
+  is off. A busy controller is ready, because it still answers.
 - ``/status``: JSON with the buffer's ``state.json`` (state, since, counters,
-  last sync, journal size), the last poll and the process ids.
+  last sync, journal size), the last poll with the controller's condition
+  and clocks, and the process ids.
 - ``/fsm``: the state machine with the state from ``state.json`` highlighted,
   as SVG where Graphviz is installed and as Mermaid text otherwise.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
@@ -30,6 +34,7 @@ from cnc_common.httpserver import (
     metrics_route,
     text_response,
 )
+from cnc_common.reading import CONDITIONS, Condition
 from cnc_edge.buffer import STATE_FILE
 from cnc_edge.config import EdgeConfig
 from cnc_edge.fsm import DIAGRAM
@@ -42,6 +47,9 @@ def max_poll_age(config: EdgeConfig) -> float:
     out, so a slow controller is not reported as lost.
     """
     commands = len(config.poll.commands) + len(config.poll.macros)
+    if config.poll.controller_clock:
+        # #3011 and #3012, and #3011 again in the first minute of a day.
+        commands += 3
     return 2 * (config.poll.interval + commands * config.serial.query_timeout)
 
 
@@ -82,23 +90,52 @@ class AgentEndpoints:
         return self.registry.get_sample_value(name, {"machine": self.config.machine.id})
 
     def last_poll(self) -> dict[str, Any] | None:
-        """Return when the last poll cycle ended and whether any command succeeded."""
+        """Return when the last poll cycle ended, whether any command succeeded,
+        the controller's condition and the clock readings of that cycle."""
         at = self._sample("cnc_edge_last_poll_timestamp_seconds")
         if not at:
             return None
         success = self._sample("cnc_edge_poll_success") == 1
-        return {"at": at, "success": success}
+        skew = self._sample("cnc_edge_controller_clock_skew_seconds")
+        synced = self._sample("cnc_edge_host_clock_synced")
+        return {
+            "at": at,
+            "success": success,
+            "condition": self.condition(),
+            "controller_clock_skew_seconds": (
+                None if skew is None or math.isnan(skew) else skew
+            ),
+            "host_clock_synced": None if synced is None else synced == 1,
+        }
+
+    def condition(self) -> str | None:
+        """Return the controller condition of the last poll cycle, if known."""
+        machine = self.config.machine.id
+        for condition in CONDITIONS:
+            labels = {"machine": machine, "condition": condition}
+            value = self.registry.get_sample_value(
+                "cnc_edge_controller_condition", labels
+            )
+            if value == 1:
+                return condition
+        return None
 
     def readiness(self) -> tuple[bool, str]:
         """Return whether the controller is being polled successfully, and why not."""
         poll = self.last_poll()
         if poll is None:
             return False, "no poll cycle has finished yet"
+        if poll["condition"] == Condition.LINK_DOWN:
+            return False, "link_down: the serial port failed or cannot be opened"
+        if poll["condition"] == Condition.CONTROLLER_OFF:
+            return False, "controller_off: the controller sends no bytes"
         if not poll["success"]:
             return False, "no command of the last poll cycle succeeded"
         age = self.clock() - poll["at"]
         if age > self.max_age:
             return False, f"the last poll cycle ended {age:.0f} s ago"
+        if poll["condition"] == Condition.CONTROLLER_BUSY:
+            return True, "polling the controller (controller_busy)"
         return True, "polling the controller"
 
     def _readyz(self, headers: Mapping[str, str]) -> Response:

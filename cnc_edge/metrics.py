@@ -19,6 +19,7 @@ exports exactly that process's value.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import time
@@ -29,6 +30,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from cnc_common.reading import CONDITIONS
 from cnc_edge.fsm import TRANSITIONS, EdgeState
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -147,10 +149,42 @@ class PollerMetrics:
             registry=registry,
         ).labels(machine)
         self.machine = machine
+        self._init_controller_metrics(registry)
         for status in READING_STATUSES:
             self.polled.labels(machine, status)
         for kind in SERIAL_ERROR_KINDS:
             self.serial_errors.labels(machine, kind)
+
+    def _init_controller_metrics(self, registry: CollectorRegistry | None) -> None:
+        self.cycles = _counter(
+            "cnc_edge_poll_cycles_total",
+            "Poll cycles by the controller condition they observed (ok, "
+            "controller_busy, controller_off, link_down).",
+            ("condition",),
+            registry=registry,
+        )
+        self.condition = _gauge(
+            "cnc_edge_controller_condition",
+            "1 for the controller condition of the last poll cycle, 0 for the others.",
+            ("condition",),
+            registry=registry,
+        )
+        self.clock_skew = _gauge(
+            "cnc_edge_controller_clock_skew_seconds",
+            "Controller clock minus host wall clock at the last poll, in seconds "
+            "(the controller clock has 1 s resolution); NaN when the last poll "
+            "did not read the controller clock.",
+            registry=registry,
+        ).labels(self.machine)
+        self.host_clock_synced = _gauge(
+            "cnc_edge_host_clock_synced",
+            "1 if the host clock was synchronised at the last poll, else 0.",
+            registry=registry,
+        ).labels(self.machine)
+        self.clock_skew.set(math.nan)
+        for condition in CONDITIONS:
+            self.cycles.labels(self.machine, condition)
+            self.condition.labels(self.machine, condition)
 
     def record_poll(self, reading: dict[str, Any], seconds: float) -> None:
         """Count one poll cycle's reading and its errors."""
@@ -167,6 +201,19 @@ class PollerMetrics:
         self.last_poll.set(now)
         if success:
             self.last_success.set(now)
+        self._record_controller(reading)
+
+    def _record_controller(self, reading: dict[str, Any]) -> None:
+        # Readings built by hand (tests, older code) may lack these keys; the
+        # defaults are the values the backend assumes for them.
+        current = reading.get("condition", "ok")
+        self.cycles.labels(self.machine, current).inc()
+        for condition in CONDITIONS:
+            self.condition.labels(self.machine, condition).set(
+                int(condition == current)
+            )
+        self.host_clock_synced.set(int(reading.get("clock_synced", True)))
+        self.clock_skew.set(clock_skew_seconds(reading))
 
 
 class BufferMetrics:
@@ -303,6 +350,18 @@ class BufferMetrics:
         self.journal_bytes.set(status["buffered_bytes"])
         self.inflight.set(status["inflight"])
         self.oldest_age.set(_age_seconds(status["oldest_buffered_ts"]))
+
+
+def clock_skew_seconds(reading: dict[str, Any]) -> float:
+    """Return the reading's ``ctrl_ts`` minus its ``ts`` in seconds, or NaN."""
+    ctrl_ts = reading.get("ctrl_ts")
+    if not ctrl_ts:
+        return math.nan
+    try:
+        delta = datetime.fromisoformat(ctrl_ts) - datetime.fromisoformat(reading["ts"])
+    except (KeyError, TypeError, ValueError):
+        return math.nan
+    return delta.total_seconds()
 
 
 def _age_seconds(ts: str | None) -> float:

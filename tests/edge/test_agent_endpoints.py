@@ -124,7 +124,9 @@ def test_agent_endpoints_cover_all_processes(
         sim_pty.stop()
         wait_for(lambda: request(url + "/readyz")[0] == 503, 30, "/readyz 503")
         status, _, body = request(url + "/readyz")
-        assert body == b"not ready: no command of the last poll cycle succeeded\n"
+        assert body == (
+            b"not ready: link_down: the serial port failed or cannot be opened\n"
+        )
         link_down = values(scrape(url), "cnc_edge_serial_errors_total")[
             frozenset({("machine", "m1"), ("kind", "link_down")})
         ]

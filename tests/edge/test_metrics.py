@@ -235,8 +235,9 @@ def endpoints_for(config: EdgeConfig) -> tuple[AgentEndpoints, PollerMetrics, Cl
 
 
 def test_max_poll_age_covers_timeouts(config: EdgeConfig) -> None:
-    # Two commands timing out at 0.5 s each plus the 1 s interval, twice.
-    assert max_poll_age(config) == 4.0
+    # Two commands and three controller clock queries timing out at 0.5 s
+    # each plus the 1 s interval, twice.
+    assert max_poll_age(config) == 7.0
 
 
 def test_readiness_before_first_poll(config: EdgeConfig) -> None:
