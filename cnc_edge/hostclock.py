@@ -4,8 +4,8 @@ Test seam: set ``CNC_TEST_CLOCK_FILE=<path>`` in the agent's environment to
 a JSON file such as ``{"offset_s": -3600, "synced": false}``. The file is
 read again at every sample, so a test can change it while the agent runs:
 ``offset_s`` seconds are added to the host's wall time (not to the monotonic
-clock), and ``synced``, when present, replaces the kernel's answer. A
-missing or invalid file counts as no offset and the kernel's answer.
+clock), and ``synced``, when present, replaces the kernel's sync state. A
+missing or invalid file counts as no offset and the kernel's sync state.
 Production runs never set the variable; the check is one dictionary lookup.
 See ``crashpoints`` for the other test seam.
 """

@@ -123,7 +123,7 @@ class LastPollFile:
 
     The descriptor stays open and each cycle writes one fixed-length line at
     offset 0 without fsync, so a cycle costs one ``pwrite``. After a crash
-    of the agent the page cache still holds the line; after a power loss it
+    of the agent the page cache still contains the line; after a power loss it
     may hold an older one, or none.
     """
 
@@ -136,7 +136,7 @@ class LastPollFile:
         # does not replace the last valid record.
         if read_last_poll(data_dir) is not None:
             os.replace(path, data_dir / PREVIOUS_POLL_FILE)
-        # O_NOFOLLOW refuses a symlink planted in place of the file.
+        # O_NOFOLLOW rejects a symlink planted in place of the file.
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
         self.path = path
         self._fd = os.open(path, flags, 0o600)
