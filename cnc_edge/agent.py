@@ -34,7 +34,7 @@ from cnc_edge.metrics import (
     forget_process,
     prepare_multiprocess_dir,
 )
-from cnc_edge.poller import run_poller
+from cnc_edge.poller import PREVIOUS_POLL_FILE, read_last_poll, run_poller
 from cnc_edge.process import StopFlag
 from cnc_edge.publisher import run_publisher
 
@@ -71,6 +71,12 @@ class EdgeAgent:
 
     def _start_children(self) -> None:
         pid = os.getpid()
+        # Read before the new poller starts: it overwrites poller.last with
+        # its first reading. The buffer reports the previous boot's readings
+        # up to this one as lost with reason agent_down, unless acknowledged.
+        previous_poll = read_last_poll(self.config.data_dir) or read_last_poll(
+            self.config.data_dir, PREVIOUS_POLL_FILE
+        )
         specs = {
             "publisher": (
                 run_publisher,
@@ -86,6 +92,7 @@ class EdgeAgent:
                     self.buffer_stop,
                     self.publisher_dead,
                     pid,
+                    previous_poll,
                 ),
             ),
             "poller": (run_poller, (self.config, self.readings, self.poller_stop, pid)),

@@ -15,6 +15,12 @@ acknowledged by the broker or on disk, except for the ones inside this
 process at the moment it is killed with SIGKILL: at most the readings in
 ``inflight`` (bounded by what the publisher can have outstanding within one
 ack timeout) and those not yet read from the poller's queue.
+
+Readings that will never be sent are reported as loss reports on the
+control subject (cnc_edge.losses): drops at the journal cap or on a full
+disk, quarantined lines between two readings of one boot, and the readings
+of the previous boot that ended without a clean stop. The reports wait in
+``losses.jsonl`` and go out while ONLINE, so always after a completed sync.
 """
 
 from __future__ import annotations
@@ -32,16 +38,20 @@ import orjson
 from transitions import EventData
 
 from cnc_common.backoff import Backoff, RateLimitedCounter, not_logged
+from cnc_common.coverage import loss_msg_id, loss_report
 from cnc_edge.config import EdgeConfig
 from cnc_edge.crashpoints import crash_point
 from cnc_edge.fsm import EdgeState, build_machine
 from cnc_edge.journal import (
     QUARANTINE,
     Journal,
+    Loss,
+    iso_ts_or_none,
     oldest_buffered_ts,
     read_journal,
     write_new_private_file,
 )
+from cnc_edge.losses import LossLog
 from cnc_edge.metrics import BufferMetrics
 from cnc_edge.process import parent_alive
 
@@ -63,6 +73,7 @@ class Buffer:
         stop_event: Any,
         publisher_dead: Any,
         metrics: BufferMetrics | None = None,
+        previous_poll: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or BufferMetrics(config.machine.id)
@@ -80,6 +91,11 @@ class Buffer:
             full_policy=config.journal.full_policy,
             segment_bytes=config.journal.segment_bytes,
         )
+        self.losses = LossLog(
+            self.data_dir,
+            fsync=config.journal.fsync,
+            fsync_interval=config.journal.fsync_interval_ms / 1000,
+        )
         self.lock = threading.RLock()
         self.inflight: dict[str, bytes] = {}
         self.link_is_up = False
@@ -96,6 +112,16 @@ class Buffer:
         }
         self.dropped: dict[str, int] = {}
         self._drop_log = RateLimitedCounter(interval=60.0)
+        self._loss_log = RateLimitedCounter(interval=60.0)
+        self._loss_fail_log = RateLimitedCounter(interval=60.0)
+        self.loss_backoff = Backoff(initial=1.0, cap=60.0)
+        self._loss_token = 0
+        self._loss_awaiting: int | None = None
+        self._loss_deadline = 0.0
+        # The last good journal line replayed, and whether lines were
+        # quarantined since: the pair around them bounds the lost readings.
+        self._replayed_line: bytes | None = None
+        self._quarantined_since = False
         # A failing publish can fail every batch for ack_timeout seconds, and
         # a full disk fails every state write; one line a minute is enough.
         self._publish_fail_log = RateLimitedCounter(interval=60.0)
@@ -110,6 +136,8 @@ class Buffer:
         self._last_state_write = 0.0
         build_machine(self, after_state_change="_on_state_change", send_event=True)
         self.metrics.record_start(self.state, config.journal.max_buffer_bytes)
+        if previous_poll is not None:
+            self._report_agent_down(previous_poll)
 
     # State machine callbacks ------------------------------------------
 
@@ -181,12 +209,16 @@ class Buffer:
         elif kind == "replayed":
             if event[1] == self._awaiting:
                 self._replay_result = event
+        elif kind == "controlled":
+            self._losses_published(event[1], event[2], event[3])
 
     def _append(self, payloads: list[bytes]) -> None:
         """Journal readings (lock held), counting and logging any that are dropped."""
         result = self.journal.append(payloads)
         self.counters["journaled"] += result.written
         self.metrics.record_append(result.written, result.dropped, result.reason)
+        for loss in result.losses:
+            self._record_journal_loss(loss)
         if not result.dropped:
             return
         reason = result.reason or "unknown"
@@ -239,6 +271,8 @@ class Buffer:
         """Replay everything on disk, then go ONLINE; blocks until done or failed."""
         started = time.monotonic()
         replayed = 0
+        self._replayed_line = None
+        self._quarantined_since = False
         try:
             while True:
                 with self.lock:
@@ -315,6 +349,7 @@ class Buffer:
         def count_quarantined() -> None:
             self.counters["quarantined"] += 1
             self.metrics.quarantined.inc()
+            self._quarantined_since = True
 
         start = self.journal.load_progress(path)
         if start:
@@ -329,6 +364,9 @@ class Buffer:
             quarantine = self.data_dir / QUARANTINE
             lines = read_journal(path, quarantine, count_quarantined, start)
             for rid, line, offset in lines:
+                if self._quarantined_since:
+                    self._report_corrupt(path, line)
+                self._replayed_line = line
                 chunk.append((rid, line))
                 end = offset
                 if len(chunk) >= size:
@@ -381,6 +419,139 @@ class Buffer:
                 self._handle(event)
         return True
 
+    # Loss reports ---------------------------------------------------------
+
+    def _record_loss(self, report: dict[str, Any]) -> None:
+        """Store a loss report until the broker acknowledges it (lock held)."""
+        if not self.losses.add(report):
+            return  # merged into a waiting report, which was counted and logged
+        self.metrics.loss_reports.labels(self.config.machine.id, report["reason"]).inc()
+        suppressed = self._loss_log.hit()
+        if suppressed is not None:
+            log.warning(
+                "loss recorded: readings %d..%d of boot %s (machine %s, %s%s)",
+                report["seq_start"],
+                report["seq_end"],
+                report["boot"],
+                self.config.machine.id,
+                report["reason"],
+                not_logged(suppressed),
+            )
+
+    def _record_journal_loss(self, loss: Loss) -> None:
+        self._record_loss(
+            loss_report(
+                machine=self.config.machine.id,
+                boot=loss.boot,
+                seq_start=loss.seq_start,
+                seq_end=loss.seq_end,
+                reason=loss.reason,
+                ts_start=loss.ts_start,
+                ts_end=loss.ts_end,
+                detail=loss.detail,
+            )
+        )
+
+    def _report_agent_down(self, last: dict[str, Any]) -> None:
+        """Report the previous boot's readings, from 0 to its last poll.
+
+        It goes out after the first sync, once everything that boot
+        journaled is on the broker, so it marks LOST only the readings that
+        boot never journaled or never saw acknowledged.
+        """
+        detail = f"previous boot ended; its last poll was seq {last['seq']}"
+        with self.lock:
+            self._record_loss(
+                loss_report(
+                    machine=self.config.machine.id,
+                    boot=last["boot"],
+                    seq_start=0,
+                    seq_end=last["seq"],
+                    reason="agent_down",
+                    ts_end=iso_ts_or_none(last.get("ts")),
+                    detail=detail,
+                )
+            )
+
+    def _report_corrupt(self, path: Path, after: bytes) -> None:
+        """Report the readings between the lines around a quarantined stretch."""
+        self._quarantined_since = False
+        if self._replayed_line is None:
+            return
+        before = _seq_bounds(self._replayed_line)
+        following = _seq_bounds(after)
+        if before is None or following is None or before[0] != following[0]:
+            return  # another boot, or not a reading: the gap has no known bounds
+        start, end = before[2] + 1, following[1] - 1
+        if start > end:
+            return
+        detail = (
+            f"quarantined line in {path.name} between seq {start - 1} and {end + 1}"
+        )
+        with self.lock:
+            self._record_loss(
+                loss_report(
+                    machine=self.config.machine.id,
+                    boot=before[0],
+                    seq_start=start,
+                    seq_end=end,
+                    reason="corrupt_journal_line",
+                    detail=detail,
+                )
+            )
+
+    def _maybe_publish_losses(self) -> None:
+        """Send the waiting loss reports while ONLINE, one batch at a time."""
+        now = time.monotonic()
+        if self.state is not EdgeState.ONLINE or self.stopping:
+            return
+        if now < self._loss_deadline:
+            return
+        with self.lock:
+            batch = [(loss_msg_id(r), orjson.dumps(r)) for r in self.losses.pending]
+        if not batch:
+            return
+        self._loss_token += 1
+        self._loss_awaiting = self._loss_token
+        # Like a replay chunk, the result comes within ack_timeout once the
+        # publisher starts the batch; past this deadline the batch is resent.
+        self._loss_deadline = now + 2 * self.config.nats.ack_timeout + 10
+        self.to_publisher.put(("control", self._loss_token, batch))
+
+    def _losses_published(self, token: int, acked: list[str], reason: str) -> None:
+        if token != self._loss_awaiting:
+            return
+        self._loss_awaiting = None
+        with self.lock:
+            done = self.losses.acknowledge(set(acked))
+            waiting = len(self.losses.pending)
+        for report in done:
+            log.info(
+                "loss reported: readings %d..%d of boot %s (machine %s, %s)",
+                report["seq_start"],
+                report["seq_end"],
+                report["boot"],
+                self.config.machine.id,
+                report["reason"],
+            )
+        if not waiting:
+            self.loss_backoff.reset()
+            self._loss_deadline = 0.0
+            return
+        # Reports that failed, or grew while in flight, go out again later.
+        self._loss_deadline = time.monotonic() + self.loss_backoff.next_delay()
+        if not reason:
+            return
+        suppressed = self._loss_fail_log.hit()
+        if suppressed is not None:
+            log.warning(
+                "loss report publish failed: %d waiting (machine %s, %s%s)",
+                waiting,
+                self.config.machine.id,
+                reason or "not acknowledged",
+                not_logged(suppressed),
+            )
+
     # Main loop and shutdown ---------------------------------------------
 
     def _stop_requested(self) -> bool:
@@ -389,6 +560,7 @@ class Buffer:
     def _housekeeping(self) -> None:
         with self.lock:
             self.journal.maybe_sync()
+            self.losses.maybe_sync()
         if time.monotonic() - self._last_state_write >= 1.0:
             self.write_state_file()
 
@@ -402,6 +574,7 @@ class Buffer:
             if event is not None:
                 self._handle(event)
             self._maybe_sync()
+            self._maybe_publish_losses()
             self._housekeeping()
         self._shutdown(intake)
 
@@ -418,6 +591,7 @@ class Buffer:
             self.inflight.clear()
             self._append(leftover)
             self.journal.close()
+            self.losses.close()
         if leftover:
             log.info("stop: %d unacknowledged readings journaled", len(leftover))
         self.to_publisher.put(("stop",))
@@ -442,6 +616,7 @@ class Buffer:
             "oldest_buffered_ts": oldest_buffered_ts(self.data_dir),
             "counters": dict(self.counters),
             "dropped": dict(self.dropped),
+            "loss_reports_pending": len(self.losses.pending),
             "last_sync": self.last_sync,
             "updated": time.time(),
         }
@@ -470,6 +645,23 @@ class Buffer:
                     exc,
                     not_logged(suppressed),
                 )
+
+
+def _seq_bounds(line: bytes) -> tuple[str, int, int] | None:
+    """Return (boot, first seq, last seq) of a reading or reduced record."""
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("boot"), str):
+        return None
+    if data.get("type") == "reduced":
+        start, end = data.get("seq_start"), data.get("seq_end")
+    else:
+        start = end = data.get("seq")
+    if not isinstance(start, int) or not isinstance(end, int):
+        return None
+    return data["boot"], start, end
 
 
 def _overwrite(target: Path, data: bytes) -> bool:
@@ -501,12 +693,23 @@ def run_buffer(
     stop_event: Any,
     publisher_dead: Any,
     parent_pid: int,
+    previous_poll: dict[str, Any] | None = None,
 ) -> None:
-    """Entry point of the buffer process."""
+    """Entry point of the buffer process.
+
+    ``previous_poll`` is the last poll of the previous boot (``poller.last``),
+    read by the parent before the new poller overwrote it.
+    """
     from cnc_edge.process import child_setup
 
     child_setup(config, "buffer")
     buffer = Buffer(
-        config, in_queue, to_publisher, from_publisher, stop_event, publisher_dead
+        config,
+        in_queue,
+        to_publisher,
+        from_publisher,
+        stop_event,
+        publisher_dead,
+        previous_poll=previous_poll,
     )
     buffer.run(parent_pid)

@@ -15,7 +15,8 @@ version). Invariant: a reading handed to the journal stays in
 ``current.jsonl`` or ``sync/`` until the broker acknowledged it, unless it
 is dropped and counted because the journal reached ``max_bytes`` or the
 disk is full. A sync file is deleted only after every line in it was
-acknowledged.
+acknowledged. Each drop is described in ``AppendResult.losses`` by the
+sequence ranges it cost, so that the buffer can report it.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -95,6 +98,92 @@ def make_private_dir(path: Path) -> None:
         log.warning("permissions tightened: %s (was %o, now 700)", path, mode)
 
 
+#: Loss report reason (cnc_common.coverage) for each drop reason of AppendResult.
+LOSS_REASONS = {"journal_full": "journal_cap", "disk_full": "disk_full"}
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Readings of one boot that the journal dropped: ``seq_start..seq_end``.
+
+    The range runs from the lowest to the highest dropped sequence number,
+    so it may include readings that were published live in between.
+    """
+
+    boot: str
+    seq_start: int
+    seq_end: int
+    ts_start: str | None
+    ts_end: str | None
+    reason: str
+    detail: str
+
+
+class SeqRanges:
+    """Collect the lowest and highest sequence number per boot of journal lines."""
+
+    def __init__(self) -> None:
+        #: boot -> [seq_start, ts_start, seq_end, ts_end]
+        self._bounds: dict[str, list[Any]] = {}
+
+    def add(self, boot: str, seq: int, ts: str | None) -> None:
+        bounds = self._bounds.get(boot)
+        if bounds is None:
+            self._bounds[boot] = [seq, ts, seq, ts]
+            return
+        if seq < bounds[0]:
+            bounds[0], bounds[1] = seq, ts
+        if seq > bounds[2]:
+            bounds[2], bounds[3] = seq, ts
+
+    def add_line(self, line: bytes) -> None:
+        """Add a reading or a reduced record; ignore a line that is neither."""
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(data, dict) or not isinstance(data.get("boot"), str):
+            return
+        boot = data["boot"]
+        if data.get("type") == "reduced":
+            start, end = data.get("seq_start"), data.get("seq_end")
+            if _is_seq(start) and _is_seq(end):
+                self.add(boot, start, iso_ts_or_none(data.get("ts_start")))
+                self.add(boot, end, iso_ts_or_none(data.get("ts_end")))
+        elif _is_seq(data.get("seq")):
+            self.add(boot, data["seq"], iso_ts_or_none(data.get("ts")))
+
+    def add_lines(self, lines: Iterable[bytes]) -> SeqRanges:
+        for line in lines:
+            self.add_line(line)
+        return self
+
+    def losses(self, reason: str, detail: str) -> list[Loss]:
+        return [
+            Loss(boot, start, end, ts_start, ts_end, LOSS_REASONS[reason], detail)
+            for boot, (start, ts_start, end, ts_end) in self._bounds.items()
+        ]
+
+
+def _is_seq(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def iso_ts_or_none(value: Any) -> str | None:
+    """Return ``value`` if it is an ISO 8601 time with a zone, else None.
+
+    A loss report with any other time would fail validation when the buffer
+    loads losses.jsonl again, and at the backend.
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return value if parsed.tzinfo is not None else None
+
+
 @dataclass
 class AppendResult:
     """Outcome of one ``Journal.append`` call: readings written and dropped."""
@@ -105,6 +194,13 @@ class AppendResult:
     dropped: int = 0
     #: ``journal_full`` or ``disk_full`` when anything was dropped.
     reason: str | None = None
+    #: The sequence ranges of the dropped readings, per boot and drop.
+    losses: list[Loss] = field(default_factory=list)
+
+    def drop(self, count: int, reason: str, ranges: SeqRanges, detail: str) -> None:
+        self.dropped += count
+        self.reason = reason
+        self.losses.extend(ranges.losses(reason, detail))
 
 
 class Journal:
@@ -184,13 +280,14 @@ class Journal:
 
     def _fit_cap(self, payloads: list[bytes], result: AppendResult) -> list[bytes]:
         needed = sum(len(p) + 1 for p in payloads)
+        cap_detail = (
+            f"journal at its cap of {self.max_bytes} bytes, "
+            f"full_policy {self.full_policy}"
+        )
         if self.full_policy == DROP_OLDEST:
             while self.buffered_bytes() + needed > self.max_bytes:
-                freed = self._drop_oldest_file()
-                if freed is None:
+                if not self._drop_oldest_file(result, "journal_full", cap_detail):
                     break
-                result.dropped += freed
-                result.reason = "journal_full"
         room = self.max_bytes - self.buffered_bytes()
         kept: list[bytes] = []
         for payload in payloads:
@@ -199,8 +296,9 @@ class Journal:
             kept.append(payload)
             room -= len(payload) + 1
         if len(kept) < len(payloads):
-            result.dropped += len(payloads) - len(kept)
-            result.reason = "journal_full"
+            dropped = payloads[len(kept) :]
+            ranges = SeqRanges().add_lines(dropped)
+            result.drop(len(dropped), "journal_full", ranges, cap_detail)
         return kept
 
     def _append_or_drop(self, payloads: list[bytes], result: AppendResult) -> None:
@@ -210,21 +308,20 @@ class Journal:
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
-            freed = (
-                self._drop_oldest_file() if self.full_policy == DROP_OLDEST else None
-            )
-            if freed is None:
-                result.dropped += len(payloads)
-                result.reason = "disk_full"
-                return
-            result.dropped += freed
-            result.reason = "disk_full"
-            try:
-                self._write(data)
-            except OSError as retry_exc:
-                if retry_exc.errno not in _DISK_FULL:
-                    raise
-                result.dropped += len(payloads)
+            detail = f"write to {CURRENT} failed: {exc.strerror}"
+            written = False
+            if self.full_policy == DROP_OLDEST and self._drop_oldest_file(
+                result, "disk_full", detail
+            ):
+                try:
+                    self._write(data)
+                    written = True
+                except OSError as retry_exc:
+                    if retry_exc.errno not in _DISK_FULL:
+                        raise
+            if not written:
+                ranges = SeqRanges().add_lines(payloads)
+                result.drop(len(payloads), "disk_full", ranges, detail)
                 return
         result.written += len(payloads)
         crash_point("journal_append")
@@ -249,23 +346,26 @@ class Journal:
             raise
         self._size = before + len(data)
 
-    def _drop_oldest_file(self) -> int | None:
-        """Delete the oldest sync file not being replayed; return its reading count.
+    def _drop_oldest_file(self, result: AppendResult, reason: str, detail: str) -> bool:
+        """Delete the oldest sync file not being replayed and record its readings.
 
         ``current.jsonl`` is rotated first when it is the only data, so that
-        its readings can be dropped too. Returns None when nothing can go.
+        its readings can be dropped too. Returns False when nothing can go.
         """
         candidates = [p for p in self.sync_files() if p != self.replaying]
         if not candidates and self._size > 0:
             self.rotate()
             candidates = [p for p in self.sync_files() if p != self.replaying]
         if not candidates:
-            return None
+            return False
         oldest = candidates[0]
-        count = count_lines(oldest, self.load_progress(oldest))
+        start = self.load_progress(oldest)
+        count = count_lines(oldest, start)
+        ranges = SeqRanges().add_lines(_lines_from(oldest, start))
         self.remove(oldest)
         log.warning("journal full: dropped %s (%d readings)", oldest.name, count)
-        return count
+        result.drop(count, reason, ranges, f"{detail}, deleted {oldest.name}")
+        return True
 
     def maybe_sync(self) -> None:
         """fsync when the interval policy makes it due; called on every tick."""
@@ -368,6 +468,19 @@ def count_lines(path: Path, start: int = 0) -> int:
     except FileNotFoundError:
         return 0
     return count + (last != b"\n")
+
+
+def _lines_from(path: Path, start: int) -> Iterator[bytes]:
+    """Yield the lines of ``path`` after byte ``start``, without newlines."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        handle = os.fdopen(os.open(path, flags), "rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        handle.seek(start)
+        for raw in handle:
+            yield raw.rstrip(b"\n")
 
 
 def read_journal(

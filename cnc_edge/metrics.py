@@ -30,6 +30,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from cnc_common.coverage import LOSS_REASONS
 from cnc_common.reading import CONDITIONS
 from cnc_edge.fsm import TRANSITIONS, EdgeState
 
@@ -259,6 +260,20 @@ class BufferMetrics:
             "Journal lines moved to quarantine.jsonl because they could not be parsed.",
             registry=registry,
         ).labels(machine)
+        self.loss_reports = _counter(
+            "cnc_edge_loss_reports_total",
+            "Loss reports recorded for readings that will never be sent, by "
+            "reason; a drop merged into a waiting report does not count again.",
+            ("reason",),
+            registry=registry,
+        )
+        self.loss_reports_pending = _gauge(
+            "cnc_edge_loss_reports_pending",
+            "Loss reports in losses.jsonl not yet acknowledged by JetStream.",
+            registry=registry,
+        ).labels(machine)
+        for reason in LOSS_REASONS:
+            self.loss_reports.labels(machine, reason)
         self._init_sync_metrics(registry)
         self._init_journal_gauges(registry)
 
@@ -348,6 +363,7 @@ class BufferMetrics:
     def record_status(self, status: dict[str, Any]) -> None:
         """Refresh the journal gauges from ``Buffer.status()``."""
         self.journal_bytes.set(status["buffered_bytes"])
+        self.loss_reports_pending.set(status.get("loss_reports_pending", 0))
         self.inflight.set(status["inflight"])
         self.oldest_age.set(_age_seconds(status["oldest_buffered_ts"]))
 

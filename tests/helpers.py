@@ -154,7 +154,11 @@ def journal_is_empty(data_dir: Path) -> bool:
 
 
 def stream_ids(nats_url: str, stream: str = "CNC_READINGS") -> list[str]:
-    """Every reading id stored in the stream, in stream order, duplicates kept."""
+    """Every reading id stored in the stream, in stream order, duplicates kept.
+
+    Control messages (loss reports on ``<prefix>.<machine>.control``) and
+    reduced records carry no reading id and are skipped.
+    """
 
     async def read() -> list[str]:
         nc = await nats.connect(nats_url, connect_timeout=5)
@@ -170,9 +174,13 @@ def stream_ids(nats_url: str, stream: str = "CNC_READINGS") -> list[str]:
                 ),
             )
             ids: list[str] = []
-            while len(ids) < total:
-                for msg in await sub.fetch(min(500, total - len(ids)), timeout=5):
-                    ids.append(orjson.loads(msg.data)["id"])
+            fetched = 0
+            while fetched < total:
+                for msg in await sub.fetch(min(500, total - fetched), timeout=5):
+                    fetched += 1
+                    data = orjson.loads(msg.data)
+                    if "id" in data:
+                        ids.append(data["id"])
             await sub.unsubscribe()
             return ids
         finally:
