@@ -16,8 +16,9 @@ reorder the readings. Each re-anchoring is recorded in ``clock_reanchors``.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 LEDGER_LOCK_NAMESPACE = 0x636E636C
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+#: Seconds by which the wall-minus-monotonic offset of a host boot must move
+#: before the stored anchor is updated. Slewing by NTP moves it slowly; a
+#: step of the clock moves it at once.
+ANCHOR_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -189,18 +195,31 @@ class Anchors:
     """Offsets between wall clock and monotonic clock, per machine and host boot.
 
     The offsets live in ``clock_anchors``; this object caches them for the
-    worker thread that writes batches.
+    worker thread that writes batches. That a host boot has no anchor yet
+    is cached for NO_ANCHOR_TTL seconds, so that a host whose clock is never
+    synchronised does not cost a query per batch, and an anchor another
+    backend process stores is still found soon after.
     """
 
-    def __init__(self) -> None:
+    NO_ANCHOR_TTL = 30.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._cache: dict[tuple[str, str], float] = {}
+        self._absent: dict[tuple[str, str], float] = {}
+        self._clock = clock
 
     def forget(self) -> None:
         """Drop the cache, for example after a reconnect."""
         self._cache.clear()
+        self._absent.clear()
 
     def lookup(self, cur: Cursor, keys: set[tuple[str, str]]) -> dict[Any, float]:
-        missing = [key for key in keys if key not in self._cache]
+        now = self._clock()
+        missing = [
+            key
+            for key in keys
+            if key not in self._cache and self._absent.get(key, -1e18) < now
+        ]
         if missing:
             cur.execute(
                 "SELECT machine_id, host_boot, offset_s FROM clock_anchors "
@@ -209,12 +228,25 @@ class Anchors:
             )
             for machine, host_boot, offset in cur.fetchall():
                 self._cache[(machine, host_boot)] = offset
+            for key in missing:
+                if key not in self._cache:
+                    self._absent[key] = now + self.NO_ANCHOR_TTL
         return {key: self._cache[key] for key in keys if key in self._cache}
 
     def store(
         self, cur: Cursor, fresh: dict[tuple[str, str], tuple[float, datetime]]
     ) -> None:
-        """Record the newest offsets seen in a batch."""
+        """Record the newest offsets seen in a batch.
+
+        An offset within ANCHOR_TOLERANCE of the cached one is not written
+        again, so that a synchronised host costs no statement per batch.
+        """
+        fresh = {
+            key: value
+            for key, value in fresh.items()
+            if key not in self._cache
+            or abs(self._cache[key] - value[0]) > ANCHOR_TOLERANCE
+        }
         if not fresh:
             return
         execute_values(
@@ -230,10 +262,7 @@ class Anchors:
         )
         for key, (offset, _) in fresh.items():
             self._cache[key] = offset
-
-    def invalidate(self, keys: Iterable[tuple[str, str]]) -> None:
-        for key in keys:
-            self._cache.pop(key, None)
+            self._absent.pop(key, None)
 
 
 def offset_of(ts: datetime, mono: float) -> float:
