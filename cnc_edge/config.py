@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cnc_common import config as cfg
 from cnc_common.natsconn import NatsSecurity, check_security
 from cnc_common.reading import MACHINE_ID_PATTERN, SUBJECT_PREFIX
+from cnc_edge.reduce import DEFAULT_CONTINUOUS_FIELDS, check_continuous_fields
 
 #: Commands polled when the config names none: identity, mode, counters,
 #: timers and the program/status response.
@@ -85,6 +86,20 @@ def _time_zone(value: str) -> str | None:
             "unknown time zone; expected an IANA name such as Europe/Berlin, "
             "or an empty string for the host's local zone"
         )
+    return None
+
+
+def _fraction(value: float) -> str | None:
+    if 0 < value <= 1:
+        return None
+    return "expected a fraction greater than 0 and at most 1, for example 0.8"
+
+
+def _continuous_fields(value: list[str]) -> str | None:
+    try:
+        check_continuous_fields(value)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -191,6 +206,18 @@ class JournalSection:
     full_policy: str = field(
         default="drop_newest",
         metadata={cfg.CHECK: cfg.one_of("drop_newest", "drop_oldest")},
+    )
+    #: Fraction of max_buffer_bytes at which the journal starts to keep only
+    #: the readings whose discrete values changed and to fold the others
+    #: into reduced records. Reduction is off when max_buffer_bytes is 0.
+    reduce_at: float = field(default=0.8, metadata={cfg.CHECK: _fraction})
+    #: Seconds of readings that one reduced record covers at most.
+    reduce_window: float = field(default=60.0, metadata={cfg.CHECK: cfg.positive})
+    #: Fields reduced to min, max and mean. Every other field is discrete and
+    #: kept exactly, and "macros.*" matches every macro variable.
+    continuous_fields: list[str] = field(
+        default_factory=lambda: list(DEFAULT_CONTINUOUS_FIELDS),
+        metadata={cfg.CHECK: _continuous_fields},
     )
     #: current.jsonl is rotated into sync/ when it reaches this size, which
     #: is also how much drop_oldest deletes at a time.
