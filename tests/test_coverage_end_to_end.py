@@ -250,3 +250,44 @@ def test_clock_jump_backwards_during_outage_keeps_order(
         pipeline.dsn,
         "SELECT sum(readings) FROM clock_reanchors WHERE machine_id = 'm1'",
     ) == [(len(unsynced),)]
+
+
+def test_controller_off_and_busy_are_distinct_in_the_ledger(
+    pipeline: Pipeline, sim_pty
+) -> None:
+    # A powered-off controller costs a query timeout per command and cycle;
+    # a short timeout gives several whole cycles with the power off.
+    config = pipeline.edge_cfg.read_text()
+    pipeline.edge_cfg.write_text(
+        config.replace("query_timeout = 0.5", "query_timeout = 0.1")
+    )
+    pipeline.start_edge()
+    wait_for_state(pipeline.data, "ONLINE", timeout=30)
+    time.sleep(1.0)
+    sim_pty.protocol.power_off()
+    time.sleep(4.0)
+    sim_pty.protocol.power_on()
+    time.sleep(1.0)
+    # Busy: the controller answers everything but Q500.
+    sim_pty.inject("ignore", count=100_000, command="Q500")
+    time.sleep(2.5)
+    sim_pty.protocol.clear_faults()
+    time.sleep(1.0)
+    assert pipeline.edge is not None and stop_program(pipeline.edge) == 0
+    pipeline.wait_all_stored()
+
+    rows = spans(pipeline.dsn)
+    classes = [(row[3], row[4]) for row in rows]
+    off = classes.index(("LOST", "controller_off"))
+    busy = classes.index(("LIVE", "controller_busy"))
+    assert off < busy, rows
+    assert ("LIVE", "") in classes[:off] and ("LIVE", "") in classes[busy:], rows
+    # Every polled reading is in exactly one span.
+    boot = rows[0][0]
+    covered = [s for row in rows for s in range(row[1], row[2] + 1)]
+    assert sorted(covered) == sorted(seqs(pipeline.polled(), boot))
+    lost = query(
+        pipeline.dsn,
+        "SELECT sum(seconds) FROM coverage WHERE machine_id = 'm1' AND kind = 'LOST'",
+    )[0][0]
+    assert 1.5 < lost < 6.0, lost
