@@ -21,6 +21,14 @@ control subject (cnc_edge.losses): drops at the journal cap or on a full
 disk, quarantined lines between two readings of one boot, and the readings
 of the previous boot that ended without a clean stop. The reports wait in
 ``losses.jsonl`` and go out while ONLINE, so always after a completed sync.
+
+Once the journal reaches ``journal.reduce_at`` of ``journal.max_buffer_bytes``,
+new readings from the poller pass through cnc_edge.reduce before they are
+journaled: readings whose discrete values changed are kept in full and the
+runs in between become reduced records. The readings of the reducer's open
+window (at most ``journal.reduce_window`` seconds) are also written to
+``reducing.jsonl`` until it closes, and a new buffer journals the ones it
+finds there in full.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from cnc_edge.journal import (
     QUARANTINE,
     Journal,
     Loss,
+    WindowFile,
     iso_ts_or_none,
     oldest_buffered_ts,
     read_journal,
@@ -54,6 +63,7 @@ from cnc_edge.journal import (
 from cnc_edge.losses import LossLog
 from cnc_edge.metrics import BufferMetrics
 from cnc_edge.process import parent_alive
+from cnc_edge.reduce import Reducer, reduce_threshold
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +106,19 @@ class Buffer:
             fsync=config.journal.fsync,
             fsync_interval=config.journal.fsync_interval_ms / 1000,
         )
+        #: Journal size in bytes from which readings are reduced; None: never.
+        self.reduce_from = reduce_threshold(
+            config.journal.max_buffer_bytes, config.journal.reduce_at
+        )
+        self.reducer = Reducer(
+            config.journal.continuous_fields, config.journal.reduce_window
+        )
+        self.window_file = WindowFile(
+            self.data_dir,
+            fsync=config.journal.fsync,
+            fsync_interval=config.journal.fsync_interval_ms / 1000,
+        )
+        self._window_write_log = RateLimitedCounter(interval=60.0)
         self.lock = threading.RLock()
         self.inflight: dict[str, bytes] = {}
         self.link_is_up = False
@@ -109,6 +132,7 @@ class Buffer:
             "publish_failed": 0,
             "quarantined": 0,
             "syncs": 0,
+            "reduced": 0,
         }
         self.dropped: dict[str, int] = {}
         self._drop_log = RateLimitedCounter(interval=60.0)
@@ -138,6 +162,7 @@ class Buffer:
         self.metrics.record_start(self.state, config.journal.max_buffer_bytes)
         if previous_poll is not None:
             self._report_agent_down(previous_poll)
+        self._recover_window()
 
     # State machine callbacks ------------------------------------------
 
@@ -181,7 +206,7 @@ class Buffer:
                     self.inflight[rid] = payload
                 self.to_publisher.put(("live", batch))
             else:
-                self._append([payload for _, payload in batch])
+                self._journal_readings([payload for _, payload in batch])
 
     # Publisher events -------------------------------------------------
 
@@ -234,6 +259,108 @@ class Buffer:
                 sum(self.dropped.values()),
                 not_logged(suppressed),
             )
+
+    # Reduction ------------------------------------------------------------
+
+    def _sync_window(self) -> None:
+        try:
+            self.window_file.maybe_sync()
+        except OSError as exc:
+            log.warning("reduction window not synced: %s", exc)
+
+    def _journal_readings(self, payloads: list[bytes]) -> None:
+        """Journal new readings from the poller, reduced near the cap (lock held).
+
+        Only readings in poll order go through the reducer. Failed live
+        publishes are older than readings it may have seen, so they are
+        journaled in full.
+        """
+        if self.reduce_from is None:
+            self._append(payloads)
+            return
+        if self.journal.buffered_bytes() < self.reduce_from:
+            self._flush_reducer(payloads)
+            return
+        items: list[bytes] = []
+        window: list[bytes] = []
+        closed = False
+        for payload in payloads:
+            lines, kept = self._reduce(payload)
+            items.extend(lines)
+            if len(lines) > int(kept):
+                # A window closed: its readings are in a record in ``items``.
+                closed, window = True, []
+            if not kept:
+                window.append(payload)
+        # The record goes to the journal before its readings leave the window
+        # file, so a crash in between journals them twice, never not at all.
+        self._append(items)
+        if closed:
+            self.window_file.clear()
+        self._write_window(window)
+
+    def _reduce(self, payload: bytes) -> tuple[list[bytes], bool]:
+        """Feed one reading to the reducer; return the lines to journal now.
+
+        The flag is True when the reading is among them, kept in full, and
+        False when it went into the open window.
+        """
+        try:
+            reading = orjson.loads(payload)
+            output = self.reducer.feed(reading)
+        except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+            # Journal it unreduced: a reading that cannot be reduced is
+            # still a reading, and the reducer starts afresh after it.
+            log.warning(
+                "reduction skipped: %s (machine %s)", exc, self.config.machine.id
+            )
+            records = [self._encode_reduced(r) for r in self.reducer.flush()]
+            return [*records, payload], True
+        lines = [
+            payload if item is reading else self._encode_reduced(item)
+            for item in output
+        ]
+        return lines, any(item is reading for item in output)
+
+    def _flush_reducer(self, payloads: list[bytes] | None = None) -> None:
+        """Journal the open window as a record, then ``payloads`` (lock held)."""
+        records = [self._encode_reduced(r) for r in self.reducer.flush()]
+        self._append([*records, *(payloads or [])])
+        if records:
+            self.window_file.clear()
+
+    def _write_window(self, lines: list[bytes]) -> None:
+        try:
+            self.window_file.append(lines)
+        except OSError as exc:
+            # The readings stay in the reducer, in memory only, until the
+            # window closes into a journaled record.
+            suppressed = self._window_write_log.hit()
+            if suppressed is not None:
+                log.warning(
+                    "reduction window not written: %s (%s%s)",
+                    self.window_file.path,
+                    exc,
+                    not_logged(suppressed),
+                )
+
+    def _recover_window(self) -> None:
+        """Journal in full the open window a previous buffer left on disk."""
+        readings = self.window_file.readings()
+        if readings:
+            with self.lock:
+                self._append(readings)
+                self.journal.sync()
+            log.info(
+                "reduction window recovered: %d readings journaled in full from %s",
+                len(readings),
+                self.window_file.path.name,
+            )
+        self.window_file.clear()
+
+    def _encode_reduced(self, record: dict[str, Any]) -> bytes:
+        self.counters["reduced"] += record["count"]
+        return orjson.dumps(record)
 
     def _journal_failed(self, ids: list[str], reason: str) -> None:
         with self.lock:
@@ -295,6 +422,11 @@ class Buffer:
                     self._abort_sync("live readings still unacknowledged")
                     return
                 with self.lock:
+                    # Readings in the reducer's open window must be on disk
+                    # before ONLINE: nothing is fed to the reducer while
+                    # ONLINE, so the window would stay open until the next
+                    # outage.
+                    self._flush_reducer()
                     if (
                         self.journal.current_size() == 0
                         and not self.journal.sync_files()
@@ -561,6 +693,7 @@ class Buffer:
         with self.lock:
             self.journal.maybe_sync()
             self.losses.maybe_sync()
+            self._sync_window()
         if time.monotonic() - self._last_state_write >= 1.0:
             self.write_state_file()
 
@@ -589,8 +722,9 @@ class Buffer:
         with self.lock:
             leftover = list(self.inflight.values())
             self.inflight.clear()
-            self._append(leftover)
+            self._flush_reducer(leftover)
             self.journal.close()
+            self.window_file.close()
             self.losses.close()
         if leftover:
             log.info("stop: %d unacknowledged readings journaled", len(leftover))

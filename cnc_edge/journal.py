@@ -9,9 +9,12 @@ Layout of ``<data_dir>``:
   a restart does not resend the whole file.
 - ``quarantine.jsonl``: lines that could not be replayed, each with its
   source file, line number and the raw bytes.
+- ``reducing.jsonl``: the readings in the reducer's open window (see
+  ``WindowFile``), until the window closes into a reduced record.
 
 Each line is one reading exactly as published (its ``v`` key is the format
-version). Invariant: a reading handed to the journal stays in
+version), or a reduced record (``"type": "reduced"``) that stands for a run
+of readings. Invariant: a reading handed to the journal stays in
 ``current.jsonl`` or ``sync/`` until the broker acknowledged it, unless it
 is dropped and counted because the journal reached ``max_bytes`` or the
 disk is full. A sync file is deleted only after every line in it was
@@ -35,11 +38,14 @@ from typing import Any
 
 import orjson
 
+from cnc_common.coverage import reduced_msg_id, validate_reduced
+from cnc_common.errors import InvalidReading
 from cnc_edge.crashpoints import crash_point
 
 log = logging.getLogger(__name__)
 
 CURRENT = "current.jsonl"
+WINDOW = "reducing.jsonl"
 SYNC_DIR = "sync"
 QUARANTINE = "quarantine.jsonl"
 
@@ -125,6 +131,9 @@ class SeqRanges:
     def __init__(self) -> None:
         #: boot -> [seq_start, ts_start, seq_end, ts_end]
         self._bounds: dict[str, list[Any]] = {}
+        #: Readings beyond one per line: a reduced record of ``count``
+        #: readings adds ``count - 1``.
+        self.extra_readings = 0
 
     def add(self, boot: str, seq: int, ts: str | None) -> None:
         bounds = self._bounds.get(boot)
@@ -150,6 +159,9 @@ class SeqRanges:
             if _is_seq(start) and _is_seq(end):
                 self.add(boot, start, iso_ts_or_none(data.get("ts_start")))
                 self.add(boot, end, iso_ts_or_none(data.get("ts_end")))
+            count = data.get("count")
+            if isinstance(count, int) and count > 1:
+                self.extra_readings += count - 1
         elif _is_seq(data.get("seq")):
             self.add(boot, data["seq"], iso_ts_or_none(data.get("ts")))
 
@@ -190,7 +202,8 @@ class AppendResult:
 
     written: int = 0
     #: Readings dropped: new ones (drop_newest, disk full) or old ones
-    #: deleted to make room (drop_oldest).
+    #: deleted to make room (drop_oldest). A reduced record counts as the
+    #: readings it stands for.
     dropped: int = 0
     #: ``journal_full`` or ``disk_full`` when anything was dropped.
     reason: str | None = None
@@ -298,7 +311,8 @@ class Journal:
         if len(kept) < len(payloads):
             dropped = payloads[len(kept) :]
             ranges = SeqRanges().add_lines(dropped)
-            result.drop(len(dropped), "journal_full", ranges, cap_detail)
+            count = len(dropped) + ranges.extra_readings
+            result.drop(count, "journal_full", ranges, cap_detail)
         return kept
 
     def _append_or_drop(self, payloads: list[bytes], result: AppendResult) -> None:
@@ -321,7 +335,8 @@ class Journal:
                         raise
             if not written:
                 ranges = SeqRanges().add_lines(payloads)
-                result.drop(len(payloads), "disk_full", ranges, detail)
+                count = len(payloads) + ranges.extra_readings
+                result.drop(count, "disk_full", ranges, detail)
                 return
         result.written += len(payloads)
         crash_point("journal_append")
@@ -360,8 +375,8 @@ class Journal:
             return False
         oldest = candidates[0]
         start = self.load_progress(oldest)
-        count = count_lines(oldest, start)
         ranges = SeqRanges().add_lines(_lines_from(oldest, start))
+        count = count_lines(oldest, start) + ranges.extra_readings
         self.remove(oldest)
         log.warning("journal full: dropped %s (%d readings)", oldest.name, count)
         result.drop(count, reason, ranges, f"{detail}, deleted {oldest.name}")
@@ -455,6 +470,78 @@ class Journal:
             self._fd = None
 
 
+class WindowFile:
+    """The readings in the reducer's open window, kept on disk until it closes.
+
+    The reducer folds readings in memory until its window closes. This file
+    keeps a copy of them, so that they are on disk meanwhile like any other
+    reading, and a new buffer journals the ones it finds here in full. It
+    stays as small as one window.
+    """
+
+    def __init__(
+        self, data_dir: Path, fsync: str = "interval", fsync_interval: float = 1.0
+    ) -> None:
+        self.path = data_dir / WINDOW
+        self.fsync_policy = fsync
+        self.fsync_interval = fsync_interval
+        self._fd = open_append(self.path)
+        self._size = os.fstat(self._fd).st_size
+        self._dirty = False
+        self._last_fsync = time.monotonic()
+
+    def readings(self) -> list[bytes]:
+        """Return the complete reading lines in the file (a torn one is left out)."""
+        if self._size == 0:
+            return []
+        return [line for line in _lines_from(self.path, 0) if _line_id(line)]
+
+    def append(self, lines: list[bytes]) -> None:
+        """Add readings that went into the open window; raise OSError on failure."""
+        if not lines:
+            return
+        data = b"\n".join(lines) + b"\n"
+        before = self._size
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            os.ftruncate(self._fd, before)
+            raise
+        self._size = before + len(data)
+        self._dirty = True
+        if self.fsync_policy == "always":
+            self.sync()
+
+    def clear(self) -> None:
+        """Empty the file once its readings are in the journal."""
+        if self._size == 0:
+            return
+        os.ftruncate(self._fd, 0)
+        self._size = 0
+        self._dirty = True
+        if self.fsync_policy == "always":
+            self.sync()
+
+    def maybe_sync(self) -> None:
+        """fsync when the interval policy makes it due; called on every tick."""
+        if not self._dirty or self.fsync_policy != "interval":
+            return
+        if time.monotonic() - self._last_fsync >= self.fsync_interval:
+            self.sync()
+
+    def sync(self) -> None:
+        if self._dirty and self.fsync_policy != "never":
+            os.fsync(self._fd)
+        self._dirty = False
+        self._last_fsync = time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+        os.close(self._fd)
+
+
 def count_lines(path: Path, start: int = 0) -> int:
     """Count the lines of ``path`` after byte ``start`` (a torn tail counts)."""
     count = 0
@@ -526,11 +613,19 @@ def _lines_before(path: Path, offset: int) -> int:
 
 
 def _line_id(line: bytes) -> str | None:
+    """Return the message id of a reading or a reduced record, else None."""
     try:
         data = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
-    if isinstance(data, dict) and isinstance(data.get("id"), str):
+    if not isinstance(data, dict):
+        return None
+    if data.get("type") == "reduced":
+        try:
+            return reduced_msg_id(validate_reduced(data))
+        except InvalidReading:
+            return None
+    if isinstance(data.get("id"), str):
         return data["id"]
     return None
 
@@ -575,8 +670,12 @@ def oldest_buffered_ts(data_dir: Path) -> str | None:
                         data = orjson.loads(raw)
                     except orjson.JSONDecodeError:
                         continue
-                    if isinstance(data, dict) and isinstance(data.get("ts"), str):
-                        return data["ts"]
+                    if not isinstance(data, dict):
+                        continue
+                    # A reduced record starts at ts_start.
+                    ts = data.get("ts", data.get("ts_start"))
+                    if isinstance(ts, str):
+                        return ts
         except FileNotFoundError:
             continue
     return None

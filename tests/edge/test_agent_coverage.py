@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import orjson
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from cnc_common.coverage import loss_msg_id
+from cnc_common.coverage import loss_msg_id, reduced_msg_id
 from cnc_common.embedded import NatsServer
 from cnc_common.reading import encode, make_reading, new_boot_id
 from tests.helpers import (
@@ -154,7 +155,10 @@ def test_journal_cap_reported_with_exact_bounds(
         tmp_path,
         sim_pty.url,
         nats_server.url,
-        f'max_buffer_bytes = 20000\nsegment_bytes = 4000\nfull_policy = "{policy}"',
+        # With reduce_at = 1.0 reduction would start only at the cap itself,
+        # so every reading missing from the stream was dropped.
+        f'max_buffer_bytes = 20000\nsegment_bytes = 4000\nfull_policy = "{policy}"'
+        "\nreduce_at = 1.0",
     )
     try:
         wait_for(
@@ -261,3 +265,104 @@ def test_killed_agent_reported_as_agent_down(tmp_path: Path, sim_pty) -> None:
     # precedes it, so it may be one reading ahead.
     audited = [seq for b, seq in map(boot_seq, polled_ids(edge_dir)) if b == first_boot]
     assert max(audited) in (last["seq"], last["seq"] - 1)
+
+
+def test_near_cap_readings_reduced_and_replayed(tmp_path: Path, sim_pty) -> None:
+    nats_server = NatsServer(tmp_path / "nats")
+    agent, _, edge_dir, data = start_agent(
+        tmp_path,
+        sim_pty.url,
+        nats_server.url,
+        "max_buffer_bytes = 200000\nreduce_at = 0.02\nreduce_window = 2.0",
+    )
+    try:
+        wait_for(
+            lambda: edge_status(data).get("counters", {}).get("reduced", 0) >= 40,
+            60,
+            "40 readings folded into reduced records",
+        )
+        nats_server.start()
+        wait_reports_sent(data, agent)
+        assert stop_program(agent) == 0
+        messages = stream_messages(nats_server.url)
+    finally:
+        stop_program(agent)
+        nats_server.close()
+    records = [m for m in messages if m.data.get("type") == "reduced"]
+    assert records
+    for message in records:
+        assert message.headers["Cnc-Delivery"] == "backfill-reduced"
+        assert message.headers["Nats-Msg-Id"] == reduced_msg_id(message.data)
+        assert message.subject == "cnc.readings.m1"
+    in_records = {
+        (m.data["boot"], seq)
+        for m in records
+        for seq in range(m.data["seq_start"], m.data["seq_end"] + 1)
+    }
+    assert sum(m.data["count"] for m in records) == len(in_records)
+    in_full = {boot_seq(m.data["id"]) for m in messages if "id" in m.data}
+    assert not in_full & in_records, "a reading kept in full is inside a record"
+    polled = {boot_seq(rid) for rid in polled_ids(edge_dir)}
+    lost = covered(loss_reports(messages), "journal_cap")
+    assert polled - in_full - in_records - lost == set()
+
+
+@pytest.fixture
+def slow_sim_pty() -> Iterator[object]:
+    """A simulated control in real time with 10-minute cycles.
+
+    Its discrete values change rarely, so the reducer's windows fill up.
+    """
+    from cnc_edge.simulator import HaasProtocol, MachineModel, PtyServer
+
+    server = PtyServer(
+        HaasProtocol(MachineModel(seed=1, pace=1, cycle_seconds=600), seed=1)
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_killed_while_reducing_keeps_window_on_disk(
+    tmp_path: Path, slow_sim_pty
+) -> None:
+    nats_server = NatsServer(tmp_path / "nats")
+    agent, config, _, data = start_agent(
+        tmp_path,
+        slow_sim_pty.url,
+        nats_server.url,
+        "max_buffer_bytes = 200000\nreduce_at = 0.02\nreduce_window = 30.0",
+    )
+    window = data / "reducing.jsonl"
+    try:
+        wait_for(
+            lambda: window.exists() and window.read_bytes().count(b"\n") >= 10,
+            60,
+            "10 readings in the open reduction window",
+        )
+        info = orjson.loads((data / "agent.json").read_bytes())
+        subprocess.run(
+            ["kill", "-9", str(info["pid"]), *map(str, info["children"].values())],
+            check=True,
+        )
+        agent.wait(30)
+        in_window = {
+            orjson.loads(line)["id"] for line in window.read_bytes().splitlines()
+        }
+
+        nats_server.start()
+        agent = start_program(
+            "cnc_edge.cli", ["run", "--config", str(config)], tmp_path / "edge-2.log"
+        )
+        wait_for_state(data, "ONLINE", timeout=60, agent=agent)
+        assert stop_program(agent) == 0
+        messages = stream_messages(nats_server.url)
+    finally:
+        stop_program(agent)
+        nats_server.close()
+    in_full = {m.data["id"] for m in messages if "id" in m.data}
+    assert len(in_window) >= 10
+    assert in_window <= in_full
+    assert "reduction window recovered" in (tmp_path / "edge-2.log").read_text()

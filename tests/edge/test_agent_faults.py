@@ -226,7 +226,10 @@ def test_journal_cap_keeps_agent_polling(tmp_path: Path, sim_pty, policy: str) -
         tmp_path,
         sim_pty.url,
         nats.url,
-        f'max_buffer_bytes = 20000\nsegment_bytes = 4000\nfull_policy = "{policy}"',
+        # With reduce_at = 1.0 reduction would start only at the cap itself,
+        # so every reading missing from the stream was dropped.
+        f'max_buffer_bytes = 20000\nsegment_bytes = 4000\nfull_policy = "{policy}"'
+        "\nreduce_at = 1.0",
     )
     try:
         wait_for(
