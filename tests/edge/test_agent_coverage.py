@@ -366,3 +366,49 @@ def test_killed_while_reducing_keeps_window_on_disk(
     assert len(in_window) >= 10
     assert in_window <= in_full
     assert "reduction window recovered" in (tmp_path / "edge-2.log").read_text()
+
+
+def test_full_disk_reported_from_memory(tmp_path: Path, sim_pty) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    nats_server = NatsServer(tmp_path / "nats")
+    edge_dir = tmp_path / "edge"
+    config = write_edge_config(
+        edge_dir, serial_url=sim_pty.url, nats_url=nats_server.url
+    )
+    config.write_text(
+        config.read_text().replace(
+            f'data_dir = "{edge_dir / "data"}"', f'data_dir = "{mount / "data"}"'
+        )
+    )
+    data = mount / "data"
+    agent = start_program(
+        "cnc_edge.cli", ["run", "--config", str(config)], tmp_path / "edge.log"
+    )
+    try:
+        wait_for(
+            lambda: edge_status(data).get("dropped", {}).get("disk_full", 0) >= 10,
+            90,
+            "10 readings dropped on a full disk",
+        )
+        nats_server.start()
+        wait_reports_sent(data, agent)
+        assert stop_program(agent) == 0
+        messages = stream_messages(nats_server.url)
+    finally:
+        stop_program(agent)
+        nats_server.close()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+    polled = {boot_seq(rid) for rid in polled_ids(edge_dir)}
+    delivered = {boot_seq(m.data["id"]) for m in messages if "id" in m.data}
+    reports = loss_reports(messages)
+    assert {report["reason"] for report in reports} == {"disk_full"}
+    assert covered(reports, "disk_full") == polled - delivered
+    assert "loss report not written" in (tmp_path / "edge.log").read_text()
