@@ -291,3 +291,156 @@ def test_controller_off_and_busy_are_distinct_in_the_ledger(
         "SELECT sum(seconds) FROM coverage WHERE machine_id = 'm1' AND kind = 'LOST'",
     )[0][0]
     assert 1.5 < lost < 6.0, lost
+
+
+def outage_until(pipeline: Pipeline, predicate, message: str) -> None:
+    """Start the agent with its broker down, wait for ``predicate``, then sync."""
+    pipeline.nats.kill()
+    pipeline.start_edge()
+    wait_for(predicate, 90, message, interval=0.5)
+    pipeline.nats.start()
+    wait_for_state(pipeline.data, "ONLINE", timeout=60, agent=pipeline.edge)
+    wait_for(
+        lambda: not (pipeline.data / "losses.jsonl").exists(),
+        30,
+        "loss reports acknowledged",
+    )
+    time.sleep(0.5)
+    assert pipeline.edge is not None and stop_program(pipeline.edge) == 0
+
+
+def dropped_count(pipeline: Pipeline) -> int:
+    try:
+        status = orjson.loads((pipeline.data / "state.json").read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return 0
+    return sum(status.get("dropped", {}).values())
+
+
+def test_journal_cap_gives_lost_span_with_exact_bounds(pipeline: Pipeline) -> None:
+    config = pipeline.edge_cfg.read_text().replace(
+        "[journal]\n",
+        "[journal]\nmax_buffer_bytes = 20000\nsegment_bytes = 4000\nreduce_at = 1.0\n",
+    )
+    pipeline.edge_cfg.write_text(config)
+    outage_until(pipeline, lambda: dropped_count(pipeline) >= 15, "15 readings dropped")
+    polled = pipeline.polled()
+    boot = polled[0].rsplit("-", 1)[0]
+    wait_for(
+        lambda: (
+            expand(spans(pipeline.dsn, boot), "LIVE")
+            | expand(spans(pipeline.dsn, boot), "BACKFILLED")
+            | expand(spans(pipeline.dsn, boot), "LOST")
+            >= seqs(polled, boot)
+        ),
+        60,
+        "every polled reading stored or LOST",
+        interval=0.5,
+    )
+    rows = spans(pipeline.dsn, boot)
+    stored = seqs(stored_ids(pipeline.dsn), boot)
+    dropped = seqs(polled, boot) - stored
+    assert len(dropped) == dropped_count(pipeline)
+    assert expand(rows, "LOST", "journal_cap") == dropped
+    assert expand(rows, "LOST") == dropped
+    lost_rows = [row for row in rows if row[3] == "LOST"]
+    # drop_newest drops the readings after the cap, one contiguous run.
+    assert [(row[1], row[2]) for row in lost_rows] == [(min(dropped), max(dropped))]
+
+
+@pytest.fixture
+def slow_sim():
+    """A simulated control in real time with 10-minute cycles: its discrete
+    values change rarely, so reduction windows fill up."""
+    from cnc_edge.simulator import HaasProtocol, MachineModel, PtyServer
+
+    server = PtyServer(
+        HaasProtocol(MachineModel(seed=3, pace=1, cycle_seconds=600), seed=3)
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_near_cap_discrete_events_survive_and_values_are_reduced(
+    pipeline: Pipeline, slow_sim
+) -> None:
+    from cnc_edge.reduce import DEFAULT_CONTINUOUS_FIELDS, Reducer
+
+    config = pipeline.edge_cfg.read_text()
+    config = config.replace(
+        "[journal]\n",
+        "[journal]\nmax_buffer_bytes = 400000\nreduce_at = 0.01\nreduce_window = 1.0\n",
+    )
+    serial_url = config.split('url = "', 1)[1].split('"', 1)[0]
+    pipeline.edge_cfg.write_text(config.replace(serial_url, slow_sim.url))
+
+    def reduced() -> int:
+        try:
+            status = orjson.loads((pipeline.data / "state.json").read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return 0
+        return status.get("counters", {}).get("reduced", 0)
+
+    outage_until(pipeline, lambda: reduced() >= 40, "40 readings reduced")
+    polled = pipeline.polled()
+    boot = polled[0].rsplit("-", 1)[0]
+    wait_for(
+        lambda: (
+            {s for row in spans(pipeline.dsn, boot) for s in range(row[1], row[2] + 1)}
+            >= seqs(polled, boot)
+        ),
+        60,
+        "every polled reading in the ledger",
+        interval=0.5,
+    )
+    rows = spans(pipeline.dsn, boot)
+    assert expand(rows, "LOST") == set(), rows
+    assert expand(rows, "BACKFILLED_REDUCED"), rows
+
+    # Every discrete change survives: walking the sequence, a reduced
+    # record's discrete values are those of the reading or record before
+    # it (nothing discrete changed inside a window), and every polled
+    # reading is in a full reading or a record.
+    reducer = Reducer(DEFAULT_CONTINUOUS_FIELDS, 1.0)
+    full = {
+        seq: {"fields": f, "errors": e, "status": st, "condition": c}
+        for seq, f, e, st, c in query(
+            pipeline.dsn,
+            "SELECT seq, fields, errors, status, condition FROM readings "
+            "WHERE boot_id = %s",
+            (boot,),
+        )
+    }
+    records = {
+        start: (end, count, last, stats)
+        for start, end, count, last, stats in query(
+            pipeline.dsn,
+            "SELECT seq_start, seq_end, count, last, stats FROM readings_reduced "
+            "WHERE boot_id = %s",
+            (boot,),
+        )
+    }
+    assert records
+    in_records: set[int] = set()
+    state = None
+    seq = 0
+    last_seq = max(seqs(polled, boot))
+    while seq <= last_seq:
+        if seq in full:
+            discrete, _ = reducer.split(full[seq])
+            state = orjson.loads(orjson.dumps(discrete))
+            seq += 1
+            continue
+        assert seq in records, f"reading {seq} is neither stored nor reduced"
+        end, count, last, stats = records[seq]
+        assert count == end - seq + 1
+        assert state is not None and last == state, (seq, last, state)
+        for name, values in stats.items():
+            assert values["min"] <= values["mean"] <= values["max"], (name, values)
+        in_records.update(range(seq, end + 1))
+        seq = end + 1
+    assert not in_records & set(full)
+    assert in_records | set(full) == seqs(polled, boot)
