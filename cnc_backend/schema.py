@@ -146,6 +146,31 @@ FROM tiled
 """
 
 
+#: Spans for readings stored before the ledger existed. Whether they came
+#: live or from a journal was not recorded, so they count as LIVE; a cycle
+#: with the serial link down (errors.serial = link_down) counts as LOST.
+_LEDGER_FROM_EXISTING_READINGS = """
+INSERT INTO coverage_spans
+    (machine_id, boot_id, seq_start, seq_end, kind, reason, ts_start, ts_end)
+SELECT machine_id, boot_id, min(seq), max(seq), kind, reason, min(ts), max(ts)
+FROM (
+    SELECT machine_id, boot_id, seq, ts, kind, reason,
+           seq - row_number() OVER (
+               PARTITION BY machine_id, boot_id, kind, reason ORDER BY seq
+           ) AS island
+    FROM (
+        SELECT machine_id, boot_id, seq, ts,
+               CASE WHEN errors->>'serial' = 'link_down' THEN 'LOST'
+                    ELSE 'LIVE' END AS kind,
+               CASE WHEN errors->>'serial' = 'link_down' THEN 'link_down'
+                    ELSE '' END AS reason
+        FROM readings
+    ) classified
+) numbered
+GROUP BY machine_id, boot_id, kind, reason, island
+"""
+
+
 def _add_coverage_ledger(cur: Cursor) -> None:
     cur.execute(
         """
@@ -243,6 +268,7 @@ def _add_coverage_ledger(cur: Cursor) -> None:
         """
     )
     cur.execute(_COVERAGE_VIEW)
+    cur.execute(_LEDGER_FROM_EXISTING_READINGS)
 
 
 MIGRATIONS: tuple[Migration, ...] = (

@@ -85,3 +85,38 @@ def test_migrate_concurrently_applies_once(pg_dsn):
     assert query(pg_dsn, "SELECT count(*) FROM schema_migrations") == [
         (len(MIGRATIONS),)
     ]
+
+
+def test_ledger_migration_covers_readings_stored_before_it(pg_dsn):
+    from cnc_backend.schema import _apply_one
+
+    conn = psycopg2.connect(pg_dsn)
+    try:
+        _apply_one(conn, MIGRATIONS[0])
+        with conn, conn.cursor() as cur:
+            for seq in [0, 1, 2, 3, 4, 5, 8, 9]:
+                errors = '{"serial": "link_down"}' if seq in (3, 4) else "{}"
+                cur.execute(
+                    "INSERT INTO readings (id, machine_id, boot_id, seq, ts, status, "
+                    "fields, errors) VALUES (%s, 'm1', %s, %s, "
+                    "'2026-12-04T08:00:00Z'::timestamptz + %s * interval '1 s', "
+                    "'ok', '{}', %s)",
+                    (f"{'b' * 32}-{seq}", "b" * 32, seq, seq, errors),
+                )
+        assert migrate(conn) == [m.version for m in MIGRATIONS[1:]]
+    finally:
+        conn.close()
+
+    spans = query(
+        pg_dsn,
+        "SELECT seq_start, seq_end, kind, reason FROM coverage_spans ORDER BY seq_start",
+    )
+    assert spans == [
+        (0, 2, "LIVE", ""),
+        (3, 4, "LOST", "link_down"),
+        (5, 5, "LIVE", ""),
+        (8, 9, "LIVE", ""),
+    ]
+    assert query(pg_dsn, "SELECT count(*) FROM readings WHERE event_ts = ts") == [(8,)]
+    kinds = query(pg_dsn, "SELECT kind FROM coverage ORDER BY ts_start, seq_start")
+    assert [k for (k,) in kinds] == ["LIVE", "LOST", "LIVE", "GAP", "LIVE"]
