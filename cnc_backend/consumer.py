@@ -116,8 +116,8 @@ class PreparedBatch:
     """Fetched messages split into readings, ledger records and dead letters.
 
     Readings, reduced records and loss reports are all acknowledged after
-    the commit; ``row_messages`` lists the messages of ``rows`` in order,
-    and ``other_messages`` those of ``reduced`` and ``losses``.
+    the commit. ``row_messages`` lists the messages of ``rows`` in order,
+    and ``other_messages`` lists those of ``reduced`` and ``losses``.
     """
 
     rows: list[ReadingRow] = field(default_factory=list)
@@ -169,7 +169,7 @@ def _origin(msg: Msg) -> Origin:
 
 
 def _delivery(msg: Msg) -> str:
-    """The message's Cnc-Delivery header; ``live`` when it has none."""
+    """Return the message's Cnc-Delivery header, ``live`` when it has none."""
     value = (msg.headers or {}).get(DELIVERY_HEADER, LIVE)
     return value if value in DELIVERIES else LIVE
 

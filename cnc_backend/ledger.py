@@ -123,6 +123,7 @@ def _merge_boot(cur: Cursor, machine: str, boot: str, new: list[Span]) -> bool:
         (machine, boot, low, high),
     )
     old = [Span(*row) for row in cur.fetchall()]
+
     spans = list(old)
     # Data first: a loss report in the same batch fills only what is left.
     for span in sorted(new, key=lambda span: span.kind == KIND_LOST):
@@ -130,6 +131,7 @@ def _merge_boot(cur: Cursor, machine: str, boot: str, new: list[Span]) -> bool:
     spans = _time_lost_spans(spans)
     if spans == old:
         return False
+
     if old:
         cur.execute(
             "DELETE FROM coverage_spans WHERE machine_id = %s AND boot_id = %s "
@@ -163,9 +165,9 @@ def _merge_boot(cur: Cursor, machine: str, boot: str, new: list[Span]) -> bool:
 def _time_lost_spans(spans: list[Span]) -> list[Span]:
     """Give a LOST span the time from the reading before it to the one after.
 
-    A loss report may not know the times of the readings it covers, and a
-    LOST span trimmed by late readings keeps the report's times; the
-    neighbouring stored readings know better.
+    A loss report may not contain the times of the readings it covers. A
+    LOST span trimmed by late readings still has the report's times, so the
+    stored readings next to it give the better bounds.
     """
     result = list(spans)
     for index, span in enumerate(result):
@@ -195,9 +197,9 @@ class Anchors:
     """Offsets between wall clock and monotonic clock, per machine and host boot.
 
     The offsets live in ``clock_anchors``; this object caches them for the
-    worker thread that writes batches. That a host boot has no anchor yet
-    is cached for NO_ANCHOR_TTL seconds, so that a host whose clock is never
-    synchronised does not cost a query per batch, and an anchor another
+    worker thread that writes batches. A host boot without an anchor is
+    cached as such for NO_ANCHOR_TTL seconds. So a host whose clock is never
+    synchronised costs no query per batch, and an anchor that another
     backend process stores is still found soon after.
     """
 

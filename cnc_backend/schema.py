@@ -97,12 +97,11 @@ def _try_create_timescaledb(cur: Cursor) -> bool:
     return True
 
 
-#: Time rows of the coverage view: stored spans, sequence gaps no span or
+#: Rows of the coverage view: stored spans, sequence gaps that no span or
 #: report explains (GAP), and time between two boots of an agent that no
-#: span covers (UNSEEN: the agent was not running, or ran without a link to
-#: the broker and lost nothing it knew of). ``seconds`` is the time a row
-#: accounts for: up to the start of the machine's next row, so that the rows
-#: of a machine tile its timeline without overlap.
+#: span covers (UNSEEN, because the agent was not running). ``seconds`` is
+#: the time a row accounts for. It runs up to the start of the machine's
+#: next row, so the rows of a machine tile its timeline without overlap.
 _COVERAGE_VIEW = """
 CREATE VIEW coverage AS
 WITH spans AS (

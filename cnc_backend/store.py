@@ -62,7 +62,7 @@ _COLUMNS = (
     "id, machine_id, boot_id, seq, ts, status, fields, errors, delivery, "
     "condition, host_boot, mono, clock_synced, ctrl_ts, event_ts, reanchored"
 )
-#: What the ledger needs of each inserted reading (see ledger.Inserted).
+#: Columns of each inserted reading that the ledger uses (see ledger.Inserted).
 _RETURNING = "RETURNING machine_id, boot_id, seq, event_ts, delivery, condition, host_boot, reanchored"
 _COPY_STAGING = f"COPY readings_staging ({_COLUMNS}) FROM STDIN"
 _MERGE_STAGING = f"""
