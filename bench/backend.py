@@ -25,7 +25,7 @@ from bench.common import (
 from bench.edge import MACHINE, STREAM, bare_publish, reset_stream
 from cnc_backend.consumer import classify
 from cnc_backend.schema import migrate
-from cnc_backend.store import Origin, ReadingRow
+from cnc_backend.store import _COLUMNS, Origin, ReadingRow
 
 DURABLE = "cnc-backend"
 #: Rows per transaction in the ceilings, the backend's default batch_size.
@@ -173,12 +173,11 @@ def bare_copy(servers: Servers, rows: list[ReadingRow]) -> float:
     dsn = _fresh_table(servers)
     lines = [row.copy_line() for row in rows]
     conn = psycopg2.connect(dsn)
-    columns = "id, machine_id, boot_id, seq, ts, status, fields, errors"
     started = time.perf_counter()
     for start in range(0, len(lines), BATCH):
         with conn, conn.cursor() as cur:
             data = io.StringIO("".join(lines[start : start + BATCH]))
-            cur.copy_expert(f"COPY readings ({columns}) FROM STDIN", data)
+            cur.copy_expert(f"COPY readings ({_COLUMNS}) FROM STDIN", data)
     rate = len(rows) / (time.perf_counter() - started)
     conn.close()
     servers.drop_database(dsn)
@@ -190,11 +189,8 @@ def bare_insert(servers: Servers, rows: list[ReadingRow]) -> float:
     dsn = _fresh_table(servers)
     values = [row.values() for row in rows]
     conn = psycopg2.connect(dsn)
-    query = (
-        "INSERT INTO readings (id, machine_id, boot_id, seq, ts, status, fields, "
-        "errors) VALUES %s ON CONFLICT DO NOTHING"
-    )
-    template = "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
+    query = f"INSERT INTO readings ({_COLUMNS}) VALUES %s ON CONFLICT DO NOTHING"
+    template = "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb" + ", %s" * 8 + ")"
     started = time.perf_counter()
     for start in range(0, len(values), BATCH):
         with conn, conn.cursor() as cur:
