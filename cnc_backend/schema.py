@@ -128,8 +128,7 @@ WITH spans AS (
     SELECT machine_id, boot_id, seq_start, seq_end, kind, reason, ts_start, ts_end,
            CASE
                WHEN next_ts IS NULL THEN ts_end
-               WHEN next_boot <> boot_id AND kind <> 'LOST'
-                   THEN least(ts_end, next_ts)
+               WHEN next_boot <> boot_id THEN least(ts_end, next_ts)
                ELSE greatest(next_ts, ts_start)
            END AS until
     FROM ordered
@@ -137,10 +136,12 @@ WITH spans AS (
     SELECT machine_id, boot_id, NULL::bigint, NULL::bigint, 'UNSEEN',
            'agent_not_running', ts_end, next_ts, next_ts
     FROM ordered
-    WHERE next_boot <> boot_id AND kind <> 'LOST' AND next_ts > ts_end
+    WHERE next_boot <> boot_id AND next_ts > ts_end
 )
 SELECT machine_id, boot_id, seq_start, seq_end, kind, reason, ts_start, ts_end,
-       until, extract(epoch FROM until - ts_start)::double precision AS seconds
+       until,
+       coalesce(greatest(extract(epoch FROM until - ts_start), 0), 0)::double precision
+           AS seconds
 FROM tiled
 """
 

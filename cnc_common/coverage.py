@@ -7,6 +7,7 @@ sequence numbers they describe into its ledger.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -14,6 +15,8 @@ from typing import Any
 
 from cnc_common.errors import InvalidReading
 from cnc_common.reading import MACHINE_ID_PATTERN, SCHEMA_VERSION
+
+_BOOT_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
 #: Suffix of the subject for control messages: ``<prefix>.<machine>.control``.
 CONTROL_TOKEN = "control"
@@ -24,6 +27,10 @@ LIVE = "live"
 BACKFILL = "backfill"
 BACKFILL_REDUCED = "backfill-reduced"
 DELIVERIES = (LIVE, BACKFILL, BACKFILL_REDUCED)
+
+#: Highest sequence number a report or record may name: a boot polling
+#: 1000 times a second reaches 2**40 after about 35 years.
+MAX_SEQ = 2**40
 
 #: Reasons a loss report may give.
 LOSS_REASONS = ("journal_cap", "disk_full", "agent_down", "corrupt_journal_line")
@@ -93,6 +100,7 @@ def validate_loss(data: dict[str, Any]) -> dict[str, Any]:
     for key in ("ts_start", "ts_end"):
         if data.get(key) is not None:
             _check_ts(data, key)
+    _check_order(data)
     if not isinstance(data.get("detail", ""), str):
         raise InvalidReading("schema", "detail must be str")
     return data
@@ -108,6 +116,7 @@ def validate_reduced(data: dict[str, Any]) -> dict[str, Any]:
         raise InvalidReading("schema", f"count {count} exceeds the sequence range")
     _check_ts(data, "ts_start")
     _check_ts(data, "ts_end")
+    _check_order(data)
     for key in ("stats", "last"):
         if not isinstance(data.get(key, {}), dict):
             raise InvalidReading("schema", f"{key} must be an object")
@@ -121,8 +130,8 @@ def _check_common(data: dict[str, Any]) -> None:
     if not isinstance(machine, str) or not MACHINE_ID_PATTERN.match(machine):
         raise InvalidReading("schema", f"invalid machine id {machine!r}")
     boot = data.get("boot")
-    if not isinstance(boot, str) or len(boot) != 32:
-        raise InvalidReading("schema", "boot must be 32 hex digits")
+    if not isinstance(boot, str) or not _BOOT_PATTERN.match(boot):
+        raise InvalidReading("schema", f"boot must be 32 hex digits, got {boot!r}")
     start, end = data.get("seq_start"), data.get("seq_end")
     for value in (start, end):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -132,6 +141,14 @@ def _check_common(data: dict[str, Any]) -> None:
     assert isinstance(start, int) and isinstance(end, int)
     if start > end:
         raise InvalidReading("schema", f"seq_start {start} is after seq_end {end}")
+    if end > MAX_SEQ:
+        raise InvalidReading("schema", f"seq_end {end} is above {MAX_SEQ}")
+
+
+def _check_order(data: dict[str, Any]) -> None:
+    start, end = data.get("ts_start"), data.get("ts_end")
+    if start and end and datetime.fromisoformat(end) < datetime.fromisoformat(start):
+        raise InvalidReading("schema", f"ts_end {end} is before ts_start {start}")
 
 
 def _check_ts(data: dict[str, Any], key: str) -> None:
@@ -189,15 +206,21 @@ def runs(items: Iterable[tuple[int, str, str, datetime | None]]) -> list[Span]:
     return spans
 
 
+def is_report(span: Span) -> bool:
+    """Return whether ``span`` comes from a loss report, not from readings."""
+    return span.kind == KIND_LOST and span.reason in LOSS_REASONS
+
+
 def merge(existing: list[Span], new: Span) -> list[Span]:
     """Return ``existing`` with ``new`` merged in, sorted and non-overlapping.
 
-    Data beats a loss: a span of readings (any kind but LOST) replaces the
-    part of a LOST span it overlaps, and a LOST span only fills sequence
-    numbers nobody covers yet. Neighbours of the same kind and reason that
-    touch are joined into one span.
+    Data beats a loss report: a span of stored readings (any kind, also LOST
+    for readings taken with the link down or the controller off) replaces
+    the part of a reported LOST span it overlaps. A reported span only fills
+    sequence numbers nobody covers yet. Neighbours of the same kind and
+    reason that touch are joined into one span.
     """
-    if new.kind == KIND_LOST:
+    if is_report(new):
         pieces = _subtract(new, existing)
         result = list(existing)
     else:
@@ -206,7 +229,7 @@ def merge(existing: list[Span], new: Span) -> list[Span]:
         for span in existing:
             if span.end < new.start or span.start > new.end:
                 result.append(span)
-            elif span.kind == KIND_LOST:
+            elif is_report(span):
                 result.extend(_subtract(span, [new]))
             else:
                 # Two data spans never overlap: each reading is stored once.

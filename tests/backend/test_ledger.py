@@ -300,3 +300,34 @@ def test_coverage_command_names_a_bad_time(pg_dsn, tmp_path: Path):
     assert result.returncode == 2
     assert "invalid time 'yesterday'" in result.stderr
     assert "24h" in result.stderr
+
+
+def test_downtime_after_a_crash_is_unseen_not_lost(store, pg_dsn):
+    # Boot A stored 0..9, polled up to 14, then died; boot B starts 60 s in.
+    write(store, *(message(reading(s)) for s in range(10)))
+    report = loss_report(
+        machine="m1",
+        boot=BOOT,
+        seq_start=0,
+        seq_end=14,
+        reason="agent_down",
+        ts_end="2026-12-04T08:00:14.000000Z",
+    )
+    write(store, message(report, subject=control_subject("cnc.readings", "m1")))
+    other = "cd" * 16
+    later = [
+        reading(s, boot=other, ts=T0 + timedelta(seconds=60 + s)) for s in range(5)
+    ]
+    write(store, *(message(r) for r in later))
+
+    rows = query(
+        pg_dsn,
+        "SELECT kind, reason, seconds FROM coverage WHERE machine_id = 'm1' "
+        "ORDER BY ts_start, seq_start NULLS LAST",
+    )
+    assert rows == [
+        ("LIVE", "", 9.0),
+        ("LOST", "agent_down", 5.0),
+        ("UNSEEN", "agent_not_running", 46.0),
+        ("LIVE", "", 4.0),
+    ]

@@ -78,13 +78,29 @@ def test_readings_arriving_after_a_loss_report_win() -> None:
     ]
 
 
+def test_blind_readings_beat_a_loss_report() -> None:
+    spans = merge([], Span(0, 10, KIND_LOST, "agent_down"))
+    spans = merge(spans, Span(8, 8, KIND_LOST, "controller_off"))
+    spans = merge(spans, Span(9, 9, KIND_LOST, "link_down"))
+    assert shape(spans) == [
+        (0, 7, KIND_LOST, "agent_down"),
+        (8, 8, KIND_LOST, "controller_off"),
+        (9, 9, KIND_LOST, "link_down"),
+        (10, 10, KIND_LOST, "agent_down"),
+    ]
+
+
+CLASSES = [
+    (KIND_LIVE, ""),
+    (KIND_BACKFILLED, ""),
+    (KIND_LOST, "link_down"),
+    (KIND_LOST, "journal_cap"),
+]
+
+
 @given(
     st.lists(
-        st.tuples(
-            st.integers(0, 60),
-            st.integers(0, 8),
-            st.sampled_from([KIND_LIVE, KIND_BACKFILLED, KIND_LOST]),
-        ),
+        st.tuples(st.integers(0, 60), st.integers(0, 8), st.sampled_from(CLASSES)),
         max_size=25,
     )
 )
@@ -92,12 +108,10 @@ def test_merge_keeps_spans_disjoint_and_data_over_loss(ops) -> None:
     spans: list[Span] = []
     data: set[int] = set()
     lost: set[int] = set()
-    for start, length, kind in ops:
-        span = Span(
-            start, start + length, kind, "journal_cap" if kind == KIND_LOST else ""
-        )
+    for start, length, (kind, reason) in ops:
+        span = Span(start, start + length, kind, reason)
         seqs = set(range(span.start, span.end + 1))
-        if kind == KIND_LOST:
+        if reason == "journal_cap":
             lost |= seqs
         else:
             data |= seqs
@@ -108,10 +122,13 @@ def test_merge_keeps_spans_disjoint_and_data_over_loss(ops) -> None:
     assert len(covered) == len(set(covered)), "spans overlap"
     assert sorted(covered) == covered
     assert set(covered) == data | lost
-    lost_in_ledger = {
-        seq for s in spans if s.kind == KIND_LOST for seq in range(s.start, s.end + 1)
+    reported = {
+        seq
+        for s in spans
+        if s.reason == "journal_cap"
+        for seq in range(s.start, s.end + 1)
     }
-    assert lost_in_ledger == lost - data
+    assert reported == lost - data
     for left, right in zip(spans, spans[1:], strict=False):
         assert not (left.end + 1 == right.start and left.same_class(right))
 
@@ -125,6 +142,18 @@ def test_loss_report_round_trip_and_errors() -> None:
         loss_report(machine="m1", boot=BOOT, seq_start=3, seq_end=7, reason="meteor")
     with pytest.raises(InvalidReading, match="seq_start 7 is after seq_end 3"):
         validate_loss({**report, "seq_start": 7, "seq_end": 3})
+    with pytest.raises(InvalidReading, match="boot must be 32 hex digits"):
+        validate_loss({**report, "boot": "z" * 32})
+    with pytest.raises(InvalidReading, match="ts_end .* is before ts_start"):
+        validate_loss(
+            {
+                **report,
+                "ts_start": "2026-12-04T12:00:00Z",
+                "ts_end": "2026-12-04T11:00:00Z",
+            }
+        )
+    with pytest.raises(InvalidReading, match="seq_end 1000000000000000 is above"):
+        validate_loss({**report, "seq_end": 10**15})
 
 
 def test_reduced_record_checks_count_against_range() -> None:
