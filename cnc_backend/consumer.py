@@ -210,6 +210,12 @@ def classify(
         expected = control_subject(prefix, reading["machine"])
     if origin.subject != expected:
         detail = f"machine {reading['machine']!r} published on {origin.subject!r}"
+        if kind == "loss":
+            detail = (
+                f"loss report published on {origin.subject!r}, expected {expected!r}"
+            )
+        elif origin.subject == control_subject(prefix, reading["machine"]):
+            detail = f"{kind} published on {origin.subject!r}, expected {expected!r}"
         return DeadLetter(origin, "subject_mismatch", detail)
     if kind == "reduced":
         return _reduced_row(reading, origin)

@@ -331,3 +331,16 @@ def test_downtime_after_a_crash_is_unseen_not_lost(store, pg_dsn):
         ("UNSEEN", "agent_not_running", 46.0),
         ("LIVE", "", 4.0),
     ]
+
+
+def test_loss_report_on_the_readings_subject_names_the_right_one():
+    report = loss_report(
+        machine="m1", boot=BOOT, seq_start=0, seq_end=3, reason="agent_down"
+    )
+    origin = Origin("cnc.readings.m1", orjson.dumps(report), 1, 1)
+    letter = classify(origin, "cnc.readings", 65536)
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason == "subject_mismatch"
+    assert letter.detail == (
+        "loss report published on 'cnc.readings.m1', expected 'cnc.readings.m1.control'"
+    )
