@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--since",
         default="24h",
         type=_time_arg,
-        help="start: ISO 8601 time, or an age such as 90m, 24h, 7d (default 24h)",
+        help="start: ISO 8601 time (UTC unless it has a zone), or an age such as "
+        "90m, 24h, 7d (default 24h)",
     )
     coverage.add_argument(
         "--until", type=_time_arg, help="end: ISO 8601 time or an age (default now)"
@@ -122,38 +123,58 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 def _time_arg(text: str) -> datetime:
     """Parse an ISO 8601 time (UTC if it has no zone) or an age like ``24h``."""
     unit = text[-1:]
-    if unit in _AGE_UNITS and text[:-1].isdigit():
-        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * _AGE_UNITS[unit])
     try:
+        if unit in _AGE_UNITS and text[:-1].isdigit():
+            age = timedelta(seconds=int(text[:-1]) * _AGE_UNITS[unit])
+            return datetime.now(UTC) - age
         value = datetime.fromisoformat(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(
             f"invalid time {text!r}: give an ISO 8601 time such as "
-            "2026-12-04T08:00:00Z or an age such as 90m, 24h or 7d"
+            "2026-12-04T08:00:00Z or an age such as 90m, 24h or 7d "
+            "(at most a few thousand years)"
         ) from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _coverage(config: BackendConfig, args: argparse.Namespace) -> int:
     target = describe_dsn(config.postgres.dsn)
+    until = args.until or datetime.now(UTC)
+    if args.since >= until:
+        print(
+            f"cnc-backend: --since {args.since.isoformat()} is not before --until "
+            f"{until.isoformat()}: give a start earlier than the end",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     try:
         conn = open_connection(config.postgres)
         try:
             with conn, conn.cursor() as cur:
-                rows = ledger.coverage(cur, args.machine, args.since, args.until)
+                known = ledger.machines(cur)
+                rows = ledger.coverage(cur, args.machine, args.since, until)
         finally:
             conn.close()
     except psycopg2.errors.UndefinedTable:
         print(
-            f"cnc-backend: no coverage ledger on {target}: run "
-            "'cnc-backend migrate' (or start the backend once) first",
+            f"cnc-backend: no coverage ledger on {target}: check [postgres] dsn "
+            "(or CNC_BACKEND_POSTGRES_DSN), then run 'cnc-backend migrate' if "
+            "this is the backend's database",
             file=sys.stderr,
         )
         return EXIT_FAILED
     except (BackendError, psycopg2.Error) as exc:
         print(f"cnc-backend: coverage failed on {target}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    shares = ledger.summary(rows)
+    if args.machine not in known:
+        listed = ", ".join(known[:20]) or "none yet"
+        print(
+            f"cnc-backend: no machine {args.machine!r} in the ledger on {target} "
+            f"(machines: {listed})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    shares = ledger.summary(rows, (until - args.since).total_seconds())
     if args.json:
         print(json.dumps(ledger.report(args.machine, rows, shares), indent=2))
     else:

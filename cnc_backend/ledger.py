@@ -44,6 +44,9 @@ LEDGER_LOCK_NAMESPACE = 0x636E636C
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+#: Summary key for time in a requested window that no row accounts for.
+NO_DATA = "NO_DATA"
+
 #: Seconds by which the wall-minus-monotonic offset of a host boot must move
 #: before the stored anchor is updated. Slewing by NTP moves it slowly; a
 #: step of the clock moves it at once.
@@ -369,16 +372,31 @@ def coverage(
     return rows
 
 
-def summary(rows: list[CoverageRow]) -> dict[str, float]:
-    """Percentage of the covered time per kind (LOST split by reason)."""
+def summary(rows: list[CoverageRow], window: float | None = None) -> dict[str, float]:
+    """Return the percentage of time per kind (LOST split by reason).
+
+    With ``window`` (seconds), the percentages are of the window, and the
+    time no row accounts for is NO_DATA: before the machine's first
+    reading, or after its last one. Without it, they are of the time the
+    rows account for.
+    """
     seconds: dict[str, float] = defaultdict(float)
     for row in rows:
         key = f"{row.kind}:{row.reason}" if row.kind == KIND_LOST else row.kind
         seconds[key] += row.seconds
+    covered = sum(seconds.values())
+    if window is not None and window - covered > 0.0005:
+        seconds[NO_DATA] = window - covered
     total = sum(seconds.values())
     if total <= 0:
         return {}
     return {key: 100.0 * value / total for key, value in sorted(seconds.items())}
+
+
+def machines(cur: Cursor) -> list[str]:
+    """Return the machines that have spans in the ledger."""
+    cur.execute("SELECT DISTINCT machine_id FROM coverage_spans ORDER BY 1")
+    return [row[0] for row in cur.fetchall()]
 
 
 def report(

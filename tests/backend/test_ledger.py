@@ -265,7 +265,8 @@ def test_coverage_command_prints_spans_and_shares(store, pg_dsn, tmp_path: Path)
         f'[nats]\nurl = "nats://127.0.0.1:1"\n[postgres]\ndsn = "{pg_dsn}"\n'
     )
     command = [sys.executable, "-m", "cnc_backend.cli", "coverage", "--config"]
-    command += [str(config), "--machine", "m1", "--since", "2026-12-04T07:00:00Z"]
+    command += [str(config), "--machine", "m1", "--since", "2026-12-04T08:00:00Z"]
+    command += ["--until", "2026-12-04T08:00:30Z"]
 
     text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     data = orjson.loads(
@@ -285,6 +286,25 @@ def test_coverage_command_prints_spans_and_shares(store, pg_dsn, tmp_path: Path)
     assert "LOST:disk_full 36.67%" in text
     assert "11..20" in text
 
+    # A window wider than the data: the rest is NO_DATA, not LIVE.
+    wide = [*command[:-4], "--since", "2026-12-04T07:59:00Z"]
+    wide += ["--until", "2026-12-04T08:01:30Z"]
+    data = orjson.loads(
+        subprocess.run(
+            [*wide, "--json"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert data["percent"]["NO_DATA"] == pytest.approx(100 * 120 / 150, abs=0.01)
+    assert data["percent"]["LIVE"] == pytest.approx(100 * 10 / 150, abs=0.01)
+
+    # A machine the ledger does not know is an error, not an empty period.
+    result = subprocess.run(
+        [*command[:6], "--machine", "m2"], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "no machine 'm2' in the ledger" in result.stderr
+    assert "(machines: m1)" in result.stderr
+
 
 def test_coverage_command_names_a_bad_time(pg_dsn, tmp_path: Path):
     config = tmp_path / "backend.toml"
@@ -300,6 +320,23 @@ def test_coverage_command_names_a_bad_time(pg_dsn, tmp_path: Path):
     assert result.returncode == 2
     assert "invalid time 'yesterday'" in result.stderr
     assert "24h" in result.stderr
+
+    for args, expected in [
+        (["--since", "99999999999d"], "invalid time '99999999999d'"),
+        (
+            ["--since", "2026-12-04T10:00Z", "--until", "2026-12-04T09:00Z"],
+            "is not before",
+        ),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "cnc_backend.cli", "coverage", "--config"]
+            + [str(config), "--machine", "m1", *args],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 2, result.stderr
+        assert expected in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_downtime_after_a_crash_is_unseen_not_lost(store, pg_dsn):
