@@ -50,6 +50,8 @@ PUBLISHER_STOP_TIMEOUT = 10.0
 KILL_WAIT = 5.0
 
 AGENT_FILE = "agent.json"
+#: Written at a clean stop with the boot id that ended; see _record_clean_stop.
+CLEAN_STOP_FILE = "clean_stop.json"
 LOCK_FILE = "agent.lock"
 
 
@@ -77,6 +79,12 @@ class EdgeAgent:
         previous_poll = read_last_poll(self.config.data_dir) or read_last_poll(
             self.config.data_dir, PREVIOUS_POLL_FILE
         )
+        if previous_poll is not None and _stopped_cleanly(
+            self.config.data_dir, previous_poll["boot"]
+        ):
+            # Everything that boot polled is on disk or acknowledged.
+            previous_poll = None
+        (self.config.data_dir / CLEAN_STOP_FILE).unlink(missing_ok=True)
         specs = {
             "publisher": (
                 run_publisher,
@@ -156,7 +164,31 @@ class EdgeAgent:
                 )
                 break
         self._stop_children(died)
+        if died is None and all(
+            self.children[name].exitcode == 0 for name in ("poller", "buffer")
+        ):
+            self._record_clean_stop()
         return 1 if died else 0
+
+    def _record_clean_stop(self) -> None:
+        """Record that the boot that just ended lost nothing it polled.
+
+        The poller and the buffer exited normally, so every reading polled
+        is journaled or acknowledged, and the next start need not report
+        the boot's readings as lost with reason agent_down.
+        """
+        last = read_last_poll(self.config.data_dir)
+        if last is None:
+            return
+        target = self.config.data_dir / CLEAN_STOP_FILE
+        tmp = target.with_suffix(".tmp")
+        try:
+            write_new_private_file(tmp, orjson.dumps({"boot": last["boot"]}))
+            os.replace(tmp, target)
+        except OSError as exc:
+            # The next start then reports the boot's readings as agent_down,
+            # which marks nothing LOST that was stored.
+            log.warning("clean stop not recorded: %s (%s)", target, exc)
 
     def _stop_children(self, died: str | None) -> None:
         """Stop in data-flow order: no new readings, flush to disk, then close NATS."""
@@ -254,6 +286,15 @@ def claim_data_dir(data_dir: Path) -> int:
             "give each machine its own data directory"
         ) from None
     return fd
+
+
+def _stopped_cleanly(data_dir: Path, boot: str) -> bool:
+    """Return whether the boot ``boot`` recorded a clean stop."""
+    try:
+        data = orjson.loads((data_dir / CLEAN_STOP_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("boot") == boot
 
 
 def run_agent(config: EdgeConfig) -> int:

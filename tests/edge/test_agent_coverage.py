@@ -231,6 +231,30 @@ def test_corrupt_line_reported_with_missing_range(tmp_path: Path, sim_pty) -> No
     assert edge_status(data)["counters"]["quarantined"] == 3
 
 
+def test_clean_restart_reports_no_loss(tmp_path: Path, sim_pty) -> None:
+    nats_server = NatsServer(tmp_path / "nats").start()
+    agent, config, edge_dir, data = start_agent(tmp_path, sim_pty.url, nats_server.url)
+    try:
+        wait_for_state(data, "ONLINE", timeout=60, agent=agent)
+        wait_for(lambda: len(polled_ids(edge_dir)) >= 10, 30, "10 polls")
+        assert stop_program(agent) == 0
+        assert (data / "clean_stop.json").exists()
+        agent = start_program(
+            "cnc_edge.cli", ["run", "--config", str(config)], tmp_path / "edge-2.log"
+        )
+        wait_reports_sent(data, agent)
+        wait_for(lambda: len(polled_ids(edge_dir)) >= 20, 30, "10 more polls")
+        assert stop_program(agent) == 0
+        messages = stream_messages(nats_server.url)
+    finally:
+        stop_program(agent)
+        nats_server.close()
+    assert loss_reports(messages) == []
+    assert "loss recorded" not in (tmp_path / "edge-2.log").read_text()
+    delivered = {boot_seq(m.data["id"]) for m in messages if "id" in m.data}
+    assert {boot_seq(rid) for rid in polled_ids(edge_dir)} <= delivered
+
+
 def test_killed_agent_reported_as_agent_down(tmp_path: Path, sim_pty) -> None:
     nats_server = NatsServer(tmp_path / "nats").start()
     agent, config, edge_dir, data = start_agent(tmp_path, sim_pty.url, nats_server.url)
