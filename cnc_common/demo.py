@@ -368,9 +368,14 @@ listen = "127.0.0.1:0"
         self.say(
             "coverage: "
             + (", ".join(f"{k} {v:.1f}%" for k, v in shares.items()) or "none")
-            + f" ({len(spans)} spans; cnc-backend coverage --machine {self.machine}"
-            " lists them)"
+            + f" ({len(spans)} spans)"
         )
+        if self.args.pg_dsn:
+            self.say(
+                "list the spans with: CNC_BACKEND_POSTGRES_DSN=<your --pg-dsn> "
+                "cnc-backend coverage --config config/backend.toml "
+                f"--machine {self.machine} --since 1h"
+            )
         return {
             "polled": len(polled),
             "stored": len(stored_ids),
