@@ -39,6 +39,7 @@ from cnc_backend.config import BackendConfig, NatsConfig, describe_nats_url
 from cnc_backend.errors import BackendError, NatsUnavailable, StoreUnavailable
 from cnc_backend.fsm import State, build_machine
 from cnc_backend.metrics import BackendMetrics
+from cnc_backend.pull import PullInbox
 from cnc_backend.store import (
     REJECTED_BY_DATABASE,
     DeadLetter,
@@ -203,7 +204,7 @@ class JetStreamConsumer:
         self._consumer_seen = False
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._sub: PullInbox | None = None
         self._attempt_failed: asyncio.Event | None = None
         self._errors = RateLimitedCounter(interval=60.0)
         self._last_consumer_check = 0.0
@@ -444,35 +445,32 @@ class JetStreamConsumer:
         # nats-py renews the subscription itself after a reconnect, and the
         # consumer keeps its name when it is recreated, so one binding per
         # client is enough.
-        assert self._js is not None
+        assert self._nc is not None
         if self._sub is not None:
             return
-        self._sub = await self._js.pull_subscribe_bind(
-            consumer=self.config.durable, stream=self.config.stream
-        )
+        inbox = PullInbox(self._nc, self.config.stream, self.config.durable)
+        await inbox.start()
+        self._sub = inbox
 
     async def fetch(self) -> list[Msg]:
         """Fetch up to one batch; return [] when none arrived within the timeout."""
         if self._sub is None or self.needs_setup:
             raise NatsUnavailable(self.target, "fetch before setup")
         try:
-            return await self._sub.fetch(
-                self.config.batch_size, timeout=self.config.fetch_timeout
+            messages = await self._sub.fetch(
+                self.config.batch_size, self.config.fetch_timeout
             )
-        except TimeoutError:
-            # nats-py raises the same timeout for "no messages" and for a
-            # request lost with the connection; only the latter is a failure.
-            if not self.is_connected:
-                raise NatsUnavailable(
-                    self.target, "fetch failed (disconnected)"
-                ) from None
-            return []
         except NATS_FAILURES as exc:
             # A 503 (no responders) means no consumer took the pull request,
             # for example because it was deleted. Checking the stream and the
             # consumer before the next fetch recreates whichever is missing.
             self.needs_setup = True
             raise NatsUnavailable(self.target, "fetch failed", exc) from exc
+        if not messages and not self.is_connected:
+            # An empty fetch looks the same as a request lost with the
+            # connection, and only the latter is a failure.
+            raise NatsUnavailable(self.target, "fetch failed (disconnected)")
+        return messages
 
     async def check_consumer(self) -> None:
         """Check now and then that the consumer exists; raise NatsUnavailable if not."""
