@@ -39,6 +39,7 @@ from cnc_backend.config import BackendConfig, NatsConfig, describe_nats_url
 from cnc_backend.errors import BackendError, NatsUnavailable, StoreUnavailable
 from cnc_backend.fsm import State, build_machine
 from cnc_backend.metrics import BackendMetrics
+from cnc_backend.pull import PullInbox
 from cnc_backend.store import (
     REJECTED_BY_DATABASE,
     DeadLetter,
@@ -307,7 +308,7 @@ class JetStreamConsumer:
         self._consumer_seen = False
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._sub: PullInbox | None = None
         self._attempt_failed: asyncio.Event | None = None
         self._errors = RateLimitedCounter(interval=60.0)
         self._last_consumer_check = 0.0
@@ -496,8 +497,9 @@ class JetStreamConsumer:
             ack_wait=cfg.ack_wait,
             max_deliver=cfg.max_deliver,
             filter_subject=f"{cfg.subject_prefix}.>",
-            # Room for a full batch in hand plus one waiting for redelivery.
-            max_ack_pending=max(1000, 2 * cfg.batch_size),
+            # Room for two processes, each with a batch being written and the
+            # next one fetched meanwhile.
+            max_ack_pending=max(1000, 4 * cfg.batch_size),
         )
 
     async def _ensure_consumer(self) -> None:
@@ -547,35 +549,32 @@ class JetStreamConsumer:
         # nats-py renews the subscription itself after a reconnect, and the
         # consumer keeps its name when it is recreated, so one binding per
         # client is enough.
-        assert self._js is not None
+        assert self._nc is not None
         if self._sub is not None:
             return
-        self._sub = await self._js.pull_subscribe_bind(
-            consumer=self.config.durable, stream=self.config.stream
-        )
+        inbox = PullInbox(self._nc, self.config.stream, self.config.durable)
+        await inbox.start()
+        self._sub = inbox
 
     async def fetch(self) -> list[Msg]:
         """Fetch up to one batch; return [] when none arrived within the timeout."""
         if self._sub is None or self.needs_setup:
             raise NatsUnavailable(self.target, "fetch before setup")
         try:
-            return await self._sub.fetch(
-                self.config.batch_size, timeout=self.config.fetch_timeout
+            messages = await self._sub.fetch(
+                self.config.batch_size, self.config.fetch_timeout
             )
-        except TimeoutError:
-            # nats-py raises the same timeout for "no messages" and for a
-            # request lost with the connection; only the latter is a failure.
-            if not self.is_connected:
-                raise NatsUnavailable(
-                    self.target, "fetch failed (disconnected)"
-                ) from None
-            return []
         except NATS_FAILURES as exc:
             # A 503 (no responders) means no consumer took the pull request,
             # for example because it was deleted. Checking the stream and the
             # consumer before the next fetch recreates whichever is missing.
             self.needs_setup = True
             raise NatsUnavailable(self.target, "fetch failed", exc) from exc
+        if not messages and not self.is_connected:
+            # An empty fetch looks the same as a request lost with the
+            # connection, and only the latter is a failure.
+            raise NatsUnavailable(self.target, "fetch failed (disconnected)")
+        return messages
 
     async def check_consumer(self) -> None:
         """Check now and then that the consumer exists; raise NatsUnavailable if not."""
@@ -680,6 +679,9 @@ class BackendService:
         )
         # One thread, so that psycopg2 calls on the connection never overlap.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cnc-backend-db")
+        # The batch being written and acknowledged while the next one is
+        # fetched. There is at most one at a time.
+        self._writing: asyncio.Task[bool] | None = None
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._retries = RateLimitedCounter(interval=60.0)
@@ -799,11 +801,16 @@ class BackendService:
     # The serving loop.
 
     async def _serve(self) -> None:
-        while not self._stop.is_set():
-            if self.state is State.CONNECTED:
-                await self._run_one_batch()
-            else:
-                await self._recover()
+        try:
+            while not self._stop.is_set():
+                if self.state is State.CONNECTED:
+                    await self._run_one_batch()
+                else:
+                    await self._recover()
+        finally:
+            # A stop drains the batch in flight. On a drain timeout run()
+            # cancels this task, and the cancellation reaches the write too.
+            await self._finish_write()
 
     async def _recover(self) -> None:
         """Make one attempt to bring both connections up, or wait a backoff step."""
@@ -836,6 +843,13 @@ class BackendService:
         await self.nats.setup()
 
     async def _run_one_batch(self) -> None:
+        """Fetch and decode one batch, then start writing it.
+
+        The fetch and the decoding overlap the write of the previous batch,
+        which runs as a task. The previous batch is committed and settled
+        before this one is written, so at most one batch is written at a time
+        and acknowledgements go out in the order of the commits.
+        """
         # A stop does not cancel the fetch: messages the server already sent
         # for it would sit unacknowledged until ack_wait. fetch_timeout is
         # checked to be below drain_timeout, so waiting for it fits the drain.
@@ -849,17 +863,35 @@ class BackendService:
                 await self.nats.check_consumer()
                 return
         except NatsUnavailable as exc:
+            await self._finish_write()
             self._lost(exc)
             await self._sleep(self._backoff.next_delay())
             return
         # From here on the batch is in hand: a stop request waits for it.
-        await self._store_batch(messages)
-
-    async def _store_batch(self, messages: list[Msg]) -> None:
         cfg = self.config.nats
         self.counters.fetched += len(messages)
         self.metrics.record_fetch(len(messages))
         batch = prepare_batch(messages, cfg.subject_prefix, cfg.max_payload_bytes)
+        if not await self._finish_write():
+            # Writing the previous batch failed, so PostgreSQL is down. This
+            # batch stays unacknowledged, and JetStream redelivers it.
+            log.warning(
+                "not written: batch of %d messages (postgres write failed); "
+                "JetStream redelivers it after ack_wait",
+                len(messages),
+            )
+            return
+        self._writing = asyncio.create_task(self._store_batch(messages, batch))
+
+    async def _finish_write(self) -> bool:
+        """Wait for the batch in flight to settle and return whether it was written."""
+        writing, self._writing = self._writing, None
+        if writing is None:
+            return True
+        return await writing
+
+    async def _store_batch(self, messages: list[Msg], batch: PreparedBatch) -> bool:
+        """Write a batch, settle its messages and return whether it was written."""
         started = time.monotonic()
         try:
             result = await self._in_thread(
@@ -872,7 +904,7 @@ class BackendService:
         except BackendError as exc:
             # Nothing is acknowledged: JetStream redelivers after ack_wait.
             self._lost(exc)
-            return
+            return False
         seconds = time.monotonic() - started
         self.metrics.record_commit(
             batch.rows, batch.dead_letters, result, seconds, batch.losses
@@ -890,6 +922,7 @@ class BackendService:
                 len(messages),
                 ", ".join(sorted(reasons)),
             )
+        return True
 
     def _count(self, result: WriteResult) -> None:
         counters = self.counters
