@@ -160,13 +160,7 @@ def prepare_batch(messages: list[Msg], prefix: str, max_payload: int) -> Prepare
 
 
 def _origin(msg: Msg) -> Origin:
-    try:
-        metadata = msg.metadata
-        return Origin(
-            msg.subject, msg.data, metadata.sequence.stream, metadata.num_delivered
-        )
-    except nats.errors.NotJSMessageError:
-        return Origin(msg.subject, msg.data)
+    return Origin(msg.subject, msg.data, message=msg)
 
 
 def _delivery(msg: Msg) -> str:

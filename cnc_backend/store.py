@@ -115,6 +115,19 @@ class Origin:
     raw: bytes
     stream_seq: int | None = None
     deliveries: int | None = None
+    #: The JetStream message. Its metadata is parsed only for a dead letter,
+    #: because parsing it for every message costs more than decoding it.
+    message: Any = field(default=None, repr=False, compare=False)
+
+    def position(self) -> tuple[int | None, int | None]:
+        """Return (stream sequence, deliveries), from the message if need be."""
+        if self.stream_seq is not None or self.message is None:
+            return self.stream_seq, self.deliveries
+        try:
+            metadata = self.message.metadata
+        except Exception:  # noqa: BLE001 - not a JetStream message
+            return None, None
+        return metadata.sequence.stream, metadata.num_delivered
 
 
 @dataclass(frozen=True)
@@ -273,8 +286,7 @@ class DeadLetter:
             self.reason,
             detail,
             raw,
-            self.origin.stream_seq,
-            self.origin.deliveries,
+            *self.origin.position(),
         )
 
 
