@@ -402,7 +402,7 @@ def machines(cur: Cursor) -> list[str]:
 def report(
     machine: str, rows: list[CoverageRow], shares: dict[str, float]
 ) -> dict[str, Any]:
-    """The coverage of one machine as a JSON-ready dict."""
+    """Return the coverage of one machine as a JSON-ready dict."""
     return {
         "machine": machine,
         "percent": {key: round(value, 3) for key, value in shares.items()},
@@ -425,7 +425,7 @@ def report(
 def format_table(
     machine: str, rows: list[CoverageRow], shares: dict[str, float]
 ) -> str:
-    """The coverage of one machine as a text table and a summary line."""
+    """Return the coverage of one machine as a text table and a summary line."""
     if not rows:
         return f"{machine}: no coverage recorded in this period"
     lines = [

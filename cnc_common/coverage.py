@@ -1,7 +1,7 @@
 """Messages and span arithmetic of the coverage ledger (docs/COVERAGE.md).
 
-The edge builds loss reports and reduced records with the functions here;
-the backend validates them with the same module and merges the spans of
+The edge builds loss reports and reduced records with the functions here.
+The backend validates them with the same module, then merges the spans of
 sequence numbers they describe into its ledger.
 """
 
@@ -217,7 +217,7 @@ def merge(existing: list[Span], new: Span) -> list[Span]:
     Data beats a loss report: a span of stored readings (any kind, also LOST
     for readings taken with the link down or the controller off) replaces
     the part of a reported LOST span it overlaps. A reported span only fills
-    sequence numbers nobody covers yet. Neighbours of the same kind and
+    sequence numbers that no span covers yet. Neighbours of the same kind and
     reason that touch are joined into one span.
     """
     if is_report(new):

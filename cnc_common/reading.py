@@ -34,11 +34,11 @@ _STATUSES = ("ok", "partial", "error")
 
 
 class Condition(StrEnum):
-    """What the poller could see of the controller in one cycle."""
+    """The state of the controller as one poll cycle observed it."""
 
-    #: Every command answered in time (garbled or UNKNOWN answers included).
+    #: Every command got a reply in time (garbled or UNKNOWN replies included).
     OK = "ok"
-    #: Some commands answered, and at least one other timed out or came late.
+    #: Some commands got a reply, and at least one other timed out or came late.
     CONTROLLER_BUSY = "controller_busy"
     #: The port is open, but no command got a single byte back.
     CONTROLLER_OFF = "controller_off"

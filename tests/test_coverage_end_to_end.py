@@ -252,9 +252,7 @@ def test_clock_jump_backwards_during_outage_keeps_order(
     ) == [(len(unsynced),)]
 
 
-def test_controller_off_and_busy_are_distinct_in_the_ledger(
-    pipeline: Pipeline, sim_pty
-) -> None:
+def test_ledger_controller_off_and_busy(pipeline: Pipeline, sim_pty) -> None:
     # A powered-off controller costs a query timeout per command and cycle;
     # a short timeout gives several whole cycles with the power off.
     config = pipeline.edge_cfg.read_text()
@@ -268,7 +266,7 @@ def test_controller_off_and_busy_are_distinct_in_the_ledger(
     time.sleep(4.0)
     sim_pty.protocol.power_on()
     time.sleep(1.0)
-    # Busy: the controller answers everything but Q500.
+    # Busy: the controller replies to every command but Q500.
     sim_pty.inject("ignore", count=100_000, command="Q500")
     time.sleep(2.5)
     sim_pty.protocol.clear_faults()
@@ -281,7 +279,8 @@ def test_controller_off_and_busy_are_distinct_in_the_ledger(
     off = classes.index(("LOST", "controller_off"))
     busy = classes.index(("LIVE", "controller_busy"))
     assert off < busy, rows
-    assert ("LIVE", "") in classes[:off] and ("LIVE", "") in classes[busy:], rows
+    assert ("LIVE", "") in classes[:off], rows
+    assert ("LIVE", "") in classes[busy:], rows
     # Every polled reading is in exactly one span.
     boot = rows[0][0]
     covered = [s for row in rows for s in range(row[1], row[2] + 1)]
@@ -364,9 +363,7 @@ def slow_sim():
         server.stop()
 
 
-def test_near_cap_discrete_events_survive_and_values_are_reduced(
-    pipeline: Pipeline, slow_sim
-) -> None:
+def test_ledger_near_cap_reduction(pipeline: Pipeline, slow_sim) -> None:
     from cnc_edge.reduce import DEFAULT_CONTINUOUS_FIELDS, Reducer
 
     config = pipeline.edge_cfg.read_text()

@@ -370,7 +370,7 @@ def test_downtime_after_a_crash_is_unseen_not_lost(store, pg_dsn):
     ]
 
 
-def test_loss_report_on_the_readings_subject_names_the_right_one():
+def test_loss_report_wrong_subject():
     report = loss_report(
         machine="m1", boot=BOOT, seq_start=0, seq_end=3, reason="agent_down"
     )

@@ -130,7 +130,8 @@ def test_merge_keeps_spans_disjoint_and_data_over_loss(ops) -> None:
     }
     assert reported == lost - data
     for left, right in zip(spans, spans[1:], strict=False):
-        assert not (left.end + 1 == right.start and left.same_class(right))
+        touching = left.end + 1 == right.start
+        assert not (touching and left.same_class(right)), (left, right)
 
 
 def test_loss_report_round_trip_and_errors() -> None:
